@@ -74,5 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 2
   config.eval.compare_to = config_dict.placeholder(str)  # rows JSON for Wilcoxon
   config.eval.max_images = 0  # 0 = all
+  # Params-only coarse checkpoint for evaluate/predict; unset: <workdir>/params.msgpack.
+  config.eval.checkpoint = config_dict.placeholder(str)
 
   return config

@@ -19,3 +19,27 @@ def shared_datasets() -> pathlib.Path:
   if not SHARED_DATASETS.is_dir():
     pytest.skip(f'real datasets not found at {SHARED_DATASETS}')
   return SHARED_DATASETS
+
+
+def tiny_config():
+  """configs/synthetic.py cut down to seconds: 64x64 images, a 4/8/8/16-wide LU-Net+RA."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(REPO_ROOT))
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config()
+  config.data.image_size = (64, 64)
+  config.data.synthetic_size = (64, 64)
+  config.data.synthetic_num_train = 5
+  config.data.synthetic_num_test = 2
+  config.data.num_val = 1
+  config.model.widths = (4, 8, 8, 16)
+  config.model.bottleneck = 16
+  config.train.batch_size = 4
+  config.train.patch_size = 32
+  config.train.num_steps = 6
+  config.train.warmup_steps = 2
+  config.train.log_every = 2
+  config.train.eval_every = 3
+  config.train.checkpoint_every = 2
+  config.eval.batch_size = 2
+  return config

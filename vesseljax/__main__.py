@@ -1,0 +1,4 @@
+"""`python -m vesseljax` is `python -m vesseljax.launch`."""
+from vesseljax.launch import run
+
+run()

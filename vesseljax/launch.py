@@ -1,0 +1,88 @@
+r"""vesseljax command line.
+
+  python -m vesseljax.launch --config=configs/chase.py [--workdir=DIR] [--mode=MODE]
+
+Without --mode the whole job for the config runs (stats, train, evaluate,
+predict), skipping finished stages and resuming a partial training run.
+Modes: all, prepare, stats, train, evaluate, predict. Override config fields
+with e.g. --config.train.num_steps=500 or --config.data.root=/data/retina.
+"""
+
+import logging
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (default ~/vesseljax_runs/<dataset>).')
+_MODE = flags.DEFINE_enum('mode', 'all', ['all', 'prepare', 'stats', 'train', 'evaluate', 'predict'],
+                          'What to run.')
+_INPUT = flags.DEFINE_string('input', None, 'predict: a photo or a folder of photos.')
+_OUTPUT = flags.DEFINE_string('output', None, 'predict: output folder (default <workdir>/predictions).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'evaluate: replace existing result files.')
+
+DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'datasets'
+
+
+def _resolve_data_root(config) -> None:
+  """data.root from the flag, else $VESSELJAX_DATA_DIR, else ../shared/datasets beside the repo."""
+  if config.data.root is None and config.data.name != 'synthetic':
+    with config.unlocked():
+      config.data.root = os.environ.get('VESSELJAX_DATA_DIR') or str(DEFAULT_DATA_ROOT)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.parse_flags_with_absl()
+  logging.getLogger('vesseljax').setLevel(logging.INFO)
+  config = _CONFIG.value
+  _resolve_data_root(config)
+  workdir = pathlib.Path(_WORKDIR.value or pathlib.Path.home() / 'vesseljax_runs' / config.data.name)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  logging.info('jax %s on %s (%d device(s)); workdir %s', jax.__version__, jax.default_backend(),
+               jax.local_device_count(), workdir)
+  command = 'python -m vesseljax.launch ' + ' '.join(sys.argv[1:])
+  from vesseljax.data.sample import DataError  # pylint: disable=g-import-not-at-top
+  from vesseljax.train.coarse import CheckpointError  # pylint: disable=g-import-not-at-top
+  from vesseljax.train.loops import TrainingError  # pylint: disable=g-import-not-at-top
+  try:
+    _dispatch(config, workdir, command)
+  except (DataError, CheckpointError, TrainingError, FileExistsError) as e:
+    # These carry messages naming the file and the problem: show them, not a traceback.
+    logging.error('%s: %s', type(e).__name__, e)
+    sys.exit(2)
+
+
+def _dispatch(config, workdir: pathlib.Path, command: str) -> None:
+  from vesseljax import stages  # pylint: disable=g-import-not-at-top
+  mode = _MODE.value
+  if mode == 'all':
+    stages.run_all(config, workdir, command)
+  elif mode == 'prepare':
+    stages.prepare(config, workdir)
+  elif mode == 'stats':
+    stages.stats(config, workdir)
+  elif mode == 'train':
+    stages.train(config, workdir)
+  elif mode == 'evaluate':
+    stages.evaluate(config, workdir, command, overwrite=_OVERWRITE.value)
+  elif mode == 'predict':
+    if not _INPUT.value:
+      raise app.UsageError('--mode=predict needs --input=FILE_OR_DIR')
+    if stages.predict_images(config, workdir, _INPUT.value, _OUTPUT.value):
+      sys.exit(1)
+
+
+def run():
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

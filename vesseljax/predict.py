@@ -1,0 +1,138 @@
+"""Images in, vessel maps out: the coarse predictor and the PNG writers.
+
+`CoarsePredictor` loads a params-only checkpoint (see `train.coarse.export_params`)
+and maps an RGB photo at any size to a native-size probability map: preprocess
+to the checkpoint's working size, run LU-Net(+RA), resize the probabilities back,
+threshold last. `predict_files` writes, per photo, `<stem>_prob.png` (16-bit,
+probability x 65535), `<stem>_mask.png` (0/255) and `<stem>_overlay.png`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Iterable, Optional, Sequence
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vesseljax.data import datasets, preprocess
+from vesseljax.data.sample import DataError
+from vesseljax.train import coarse, steps
+
+log = logging.getLogger('vesseljax')
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.tif', '.tiff', '.bmp', '.gif', '.ppm')
+
+
+class CoarsePredictor:
+  """A loaded coarse model: `predictor(rgb) -> (H, W) float32 probabilities`."""
+
+  def __init__(self, checkpoint: str | pathlib.Path, data_config, impl: str = 'auto'):
+    self.sidecar, variables = coarse.load_params(checkpoint)
+    spec = self.sidecar['model']
+    self.model = coarse.create_model(dict(spec, impl=impl))
+    coarse.check_variables(variables, self.model, 1, str(checkpoint))
+    self.variables = jax.tree.map(jnp.asarray, variables)
+    self.work_size = tuple(self.sidecar.get('image_size') or preprocess_size(data_config))
+    self.data_config = data_config
+    self._apply = steps.make_predict_fn(self.model.apply)
+
+  def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+    d = self.data_config
+    return preprocess.preprocess_green(rgb, self.work_size, d.clahe_clip, d.clahe_tile_px, d.gamma)
+
+  def outputs(self, images: np.ndarray) -> dict:
+    """Model outputs for preprocessed (B, H_work, W_work, 1) images."""
+    return self._apply(self.variables, jnp.asarray(images))
+
+  def probs_at_work_size(self, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
+    """(N, H_work, W_work) probabilities for preprocessed images."""
+    return coarse.infer_probs(self._apply, self.variables, images, batch_size)
+
+  def __call__(self, rgb: np.ndarray) -> np.ndarray:
+    """(H, W) float32 vessel probability at the photo's native size."""
+    prob = self.probs_at_work_size(self.preprocess(rgb)[None])[0]
+    return preprocess.to_native(prob, rgb.shape[:2])
+
+
+def preprocess_size(data_config) -> tuple[int, int]:
+  from vesseljax.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.work_size(data_config)
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray, color=(0, 255, 0), alpha: float = 0.6,
+            highlight: Optional[np.ndarray] = None) -> np.ndarray:
+  """RGB photo with `mask` pixels blended towards `color`; `highlight` pixels in magenta."""
+  out = rgb.astype(np.float32).copy()
+  out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, np.float32)
+  if highlight is not None:
+    out[highlight] = (1 - alpha) * out[highlight] + alpha * np.array([255, 0, 255], np.float32)
+  return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
+  if array.ndim == 3:
+    array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+  if not cv2.imwrite(str(path), array):
+    raise OSError(f'{path}: could not write PNG')
+
+
+def write_maps(out_dir: pathlib.Path, stem: str, rgb: np.ndarray, prob: np.ndarray,
+               threshold: float, fov: Optional[np.ndarray] = None) -> dict:
+  """Writes `<stem>_prob.png` (uint16, p x 65535), `<stem>_mask.png` (0/255), `<stem>_overlay.png`."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if fov is not None:
+    prob = np.where(fov, prob, 0.0)
+  mask = prob >= threshold
+  paths = {k: out_dir / f'{stem}_{k}.png' for k in ('prob', 'mask', 'overlay')}
+  _write_png(paths['prob'], np.round(np.clip(prob, 0, 1) * 65535).astype(np.uint16))
+  _write_png(paths['mask'], mask.astype(np.uint8) * 255)
+  _write_png(paths['overlay'], overlay(rgb, mask))
+  return paths
+
+
+def list_inputs(path: str | pathlib.Path) -> list[pathlib.Path]:
+  """A photo file, or the photos in a folder (sorted); DataError when there are none."""
+  path = pathlib.Path(path)
+  if path.is_file():
+    return [path]
+  if not path.is_dir():
+    raise DataError(f'{path}: input not found')
+  files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+  if not files:
+    raise DataError(f'{path}: no images ({", ".join(IMAGE_SUFFIXES)}) in this folder')
+  return files
+
+
+def predict_files(predictor: CoarsePredictor, inputs: Iterable[pathlib.Path], out_dir: str | pathlib.Path,
+                  threshold: float = 0.5) -> tuple[int, list[str]]:
+  """Segments each photo; an unreadable one is logged and skipped.
+
+  Returns:
+    (number written, list of error lines). The caller exits non-zero if any.
+  """
+  out_dir = pathlib.Path(out_dir)
+  errors, written = [], 0
+  for path in inputs:
+    try:
+      rgb = datasets.read_rgb(path)
+    except DataError as e:
+      log.error('skipping %s', e)
+      errors.append(str(e))
+      continue
+    prob = predictor(rgb)
+    fov = datasets.derive_fov(rgb)
+    write_maps(out_dir, path.stem, rgb, prob, threshold, fov)
+    written += 1
+    log.info('wrote %s_{prob,mask,overlay}.png to %s', path.stem, out_dir)
+  return written, errors
+
+
+def native_probs(predictor: CoarsePredictor, images: Sequence[np.ndarray], batch_size: int = 1) -> list[np.ndarray]:
+  """Native-size probability maps for RGB photos, batched at the working size."""
+  work = np.stack([predictor.preprocess(rgb) for rgb in images])
+  probs = predictor.probs_at_work_size(work, batch_size)
+  return [preprocess.to_native(p, rgb.shape[:2]) for p, rgb in zip(probs, images)]

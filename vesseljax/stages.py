@@ -1,0 +1,188 @@
+"""The pipeline's stages, one library function per `--mode` of `vesseljax.launch`.
+
+Each stage is `stage(config, workdir, **options)`, writes only under `workdir`
+(or the output folder it is given), and is safe to re-run: `run_all` skips a
+stage whose outputs are complete and resumes a partial training run from its
+Orbax checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import pathlib
+import time
+from typing import Optional
+
+import numpy as np
+
+from vesseljax.data import datasets, preprocess, sources
+from vesseljax.data.sample import DataError
+from vesseljax.evaluate import metrics, report
+
+log = logging.getLogger('vesseljax')
+
+
+def tfds_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(config.data.tfds_dir) if config.data.tfds_dir else workdir / 'tfds'
+
+
+def prepare(config, workdir: pathlib.Path) -> dict:
+  """Builds (or verifies) the TFDS array_record copy of the dataset; counts per split."""
+  name = config.data.name
+  counts = {}
+  if name == 'synthetic':
+    for split in ('train', 'test'):
+      counts[split] = len(sources.load_samples(config.data, split))
+    log.info('synthetic data is generated on the fly: %s', counts)
+    return counts
+  from vesseljax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  manual_dir = datasets.resolve_dataset_dir(name, config.data.root)
+  builder = tfds_builders.build(name, manual_dir, tfds_dir(config, workdir))
+  for split in ('train', 'test'):
+    counts[split] = builder.info.splits[split].num_examples
+    expected = len(datasets.list_split(name, config.data.root, split))
+    if counts[split] != expected:
+      raise DataError(f'{builder.data_dir}: TFDS {split} split has {counts[split]} examples, '
+                      f'the folder {manual_dir} has {expected}; delete the build to redo it')
+  log.info('TFDS %s ready in %s: %s', name, builder.data_dir, counts)
+  return counts
+
+
+def observer_rows(samples) -> list[dict]:
+  """Second observer scored against the first, per image, inside the FOV."""
+  rows = []
+  for s in samples:
+    if s.observer2 is None:
+      continue
+    row = metrics.image_metrics_both(s.observer2.astype(np.float32), s.label, s.fov, 0.5)
+    rows.append({'id': s.id, **row})
+  return rows
+
+
+def stats(config, workdir: pathlib.Path) -> dict:
+  """Per-split counts, image sizes, vessel fraction inside the FOV, and the observer baseline."""
+  out = {'dataset': config.data.name}
+  for split in ('train', 'test'):
+    samples = sources.load_samples(config.data, split, tfds_dir(config, workdir))
+    frac = [float(s.label[s.fov].mean()) for s in samples]
+    sizes = sorted({f'{s.image.shape[1]}x{s.image.shape[0]}' for s in samples})
+    split_stats = {'count': len(samples), 'sizes_wxh': sizes,
+                   'vessel_fraction_in_fov_mean': float(np.mean(frac)),
+                   'vessel_fraction_in_fov_std': float(np.std(frac)),
+                   'fov_fraction_mean': float(np.mean([s.fov.mean() for s in samples])),
+                   'with_observer2': sum(s.observer2 is not None for s in samples)}
+    rows = observer_rows(samples)
+    if rows:
+      split_stats['observer2'] = metrics.summarize(rows)
+      split_stats['observer2_rows'] = rows
+    out[split] = split_stats
+    log.info('%s %s: %d images, sizes %s, vessel fraction in FOV %.3f +- %.3f, %d with observer 2',
+             config.data.name, split, len(samples), sizes, np.mean(frac), np.std(frac),
+             split_stats['with_observer2'])
+    if rows:
+      s = split_stats['observer2']
+      log.info('  second observer vs first (n=%d): Dice %.4f +- %.4f, AUC %.4f, Acc %.4f, Se %.4f, Sp %.4f',
+               s['dice']['n'], s['dice']['mean'], s['dice']['std'], s['auc']['mean'],
+               s['accuracy']['mean'], s['sensitivity']['mean'], s['specificity']['mean'])
+  path = workdir / 'stats.json'
+  workdir.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(out, indent=2, default=float))
+  log.info('wrote %s', path)
+  return out
+
+
+def train(config, workdir: pathlib.Path):
+  from vesseljax.train import loops  # pylint: disable=g-import-not-at-top
+  return loops.train_coarse(config, workdir)
+
+
+def checkpoint_path(config, workdir: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(config.eval.checkpoint) if config.eval.checkpoint else workdir / 'params.msgpack'
+
+
+def evaluate(config, workdir: pathlib.Path, command: str = '', overwrite: bool = False) -> dict:
+  """Scores the coarse checkpoint on `config.eval.split` at native resolution inside the FOV.
+
+  Writes `<workdir>/eval_<split>.json` (per-image rows + summary + meta) and
+  `<workdir>/eval_<split>.md`; adds a Wilcoxon test against `config.eval.compare_to`.
+  """
+  from vesseljax import predict  # pylint: disable=g-import-not-at-top
+  split = config.eval.split
+  out_json = workdir / f'eval_{split}.json'
+  if out_json.exists() and not overwrite:
+    raise FileExistsError(f'{out_json} exists; remove it or pass --overwrite to replace it')
+  ckpt = checkpoint_path(config, workdir)
+  predictor = predict.CoarsePredictor(ckpt, config.data, config.model.impl)
+  samples = sources.load_samples(config.data, split, tfds_dir(config, workdir))
+  if config.eval.max_images:
+    samples = samples[:config.eval.max_images]
+  rows, t0 = [], time.time()
+  for i, s in enumerate(samples):
+    prob = predict.native_probs(predictor, [s.image])[0]
+    rows.append({'id': s.id, **metrics.image_metrics_both(prob, s.label, s.fov, config.eval.threshold)})
+    log.info('evaluate %d/%d %s Dice %.4f AUC %.4f (%.1f s/image)', i + 1, len(samples), s.id,
+             rows[-1]['dice'], rows[-1]['auc'], (time.time() - t0) / (i + 1))
+  summary = metrics.summarize(rows)
+  meta = {'dataset': config.data.name, 'split': split, 'method': predictor.sidecar['model']['name'],
+          'checkpoint': str(ckpt), 'working_size_hw': list(predictor.work_size),
+          'threshold': config.eval.threshold, 'protocol': 'inside FOV, native resolution',
+          'command': command, 'date': datetime.date.today().isoformat()}
+  pvalues = None
+  if config.eval.compare_to:
+    other = report.read_results(config.eval.compare_to)
+    test = metrics.wilcoxon(rows, other['rows'], 'dice')
+    meta['wilcoxon_vs'] = {'file': config.eval.compare_to, 'method': other['meta'].get('method'), **test}
+    pvalues = {meta['method']: test['p_value']}
+  report.write_results(out_json, rows, summary, meta, overwrite=overwrite)
+  table = report.markdown_table({meta['method']: summary}, pvalues=pvalues)
+  (workdir / f'eval_{split}.md').write_text(
+      f'# {config.data.name} {split}, inside FOV, native resolution, threshold {config.eval.threshold}\n\n'
+      f'{table}\n\n{report.per_image_markdown(rows, metrics.METRICS)}\n')
+  log.info('%s\nwrote %s', table, out_json)
+  return {'rows': rows, 'summary': summary, 'meta': meta}
+
+
+def predict_images(config, workdir: pathlib.Path, inputs: str, output: Optional[str]) -> int:
+  """Segments photos; returns the number of unreadable inputs (the launch exits non-zero on any)."""
+  from vesseljax import predict  # pylint: disable=g-import-not-at-top
+  predictor = predict.CoarsePredictor(checkpoint_path(config, workdir), config.data, config.model.impl)
+  out_dir = pathlib.Path(output) if output else workdir / 'predictions'
+  written, errors = predict.predict_files(predictor, predict.list_inputs(inputs), out_dir,
+                                          config.eval.threshold)
+  log.info('wrote maps for %d image(s) to %s; %d error(s)', written, out_dir, len(errors))
+  for e in errors:
+    log.error('  %s', e)
+  return len(errors)
+
+
+def write_test_inputs(config, workdir: pathlib.Path, limit: int = 2) -> pathlib.Path:
+  """Writes a few test photos as PNGs (used by the synthetic demo's predict stage)."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  folder = workdir / 'demo_inputs'
+  folder.mkdir(parents=True, exist_ok=True)
+  for s in sources.load_samples(config.data, 'test')[:limit]:
+    cv2.imwrite(str(folder / f'{s.id.split("/")[-1]}.png'), cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))
+  return folder
+
+
+def run_all(config, workdir: pathlib.Path, command: str = '') -> None:
+  """The whole job for one config: stats, train (resuming), evaluate, predict a few test photos."""
+  t0 = time.time()
+  if not (workdir / 'stats.json').exists():
+    stats(config, workdir)
+  if not (workdir / 'params.msgpack').exists():
+    train(config, workdir)
+  else:
+    log.info('training done already: %s', workdir / 'params.msgpack')
+  if not (workdir / f'eval_{config.eval.split}.json').exists():
+    evaluate(config, workdir, command)
+  if not (workdir / 'predictions').exists():
+    if config.data.name == 'synthetic':
+      inputs = write_test_inputs(config, workdir)
+    else:
+      inputs = datasets.list_split(config.data.name, config.data.root, 'test')[0].image
+    predict_images(config, workdir, str(inputs), None)
+  log.info('done in %.0f s. Outputs in %s: stats.json, params.msgpack, eval_%s.json/.md, predictions/',
+           time.time() - t0, workdir, config.eval.split)

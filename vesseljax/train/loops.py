@@ -1,0 +1,180 @@
+"""Training loops: `train_coarse(config, workdir) -> TrainState`.
+
+Resuming is the normal path: the loop restores the workdir's latest Orbax
+checkpoint and continues from its step; batches are a function of (seed, step)
+and augmentation keys of (step, example), so a resumed run sees exactly the
+batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import pathlib
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vesseljax.data import augment, pipeline, sources
+from vesseljax.data.sample import DataError
+from vesseljax.train import coarse, state as state_lib, steps
+
+log = logging.getLogger('vesseljax')
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class Progress:
+  """Periodic log lines with rate and ETA, and a JSONL metrics file in the workdir."""
+
+  def __init__(self, workdir: pathlib.Path, total: int, start: int, what: str):
+    self.path = workdir / f'{what}_metrics.jsonl'
+    self.total, self.start, self.what = total, start, what
+    self.t0 = time.time()
+
+  def write(self, step: int, metrics: dict, prefix: str = 'train') -> None:
+    done = step - self.start
+    rate = done / max(time.time() - self.t0, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else float('nan')
+    record = {'step': step, **{f'{prefix}_{k}': float(v) for k, v in metrics.items()}}
+    if prefix == 'train':
+      record['steps_per_second'] = rate
+    with self.path.open('a') as f:
+      f.write(json.dumps(record) + '\n')
+    shown = ' '.join(f'{k}={float(v):.4f}' for k, v in metrics.items())
+    log.info('%s %s step %d/%d %s | %.2f steps/s, ETA %.0f s',
+             self.what, prefix, step, self.total, shown, rate, eta)
+
+
+def make_augment_fn(config) -> Optional[callable]:
+  """Per-example augmentation `(key, image, label, fov) -> (image, label, fov)` from config.augment."""
+  a = config.augment
+  if not a.enabled:
+    return None
+  return functools.partial(
+      augment.augment_example, max_rotation_deg=a.max_rotation_deg, flip=a.flip,
+      elastic_alpha_px=a.elastic_alpha_px, elastic_sigma_px=a.elastic_sigma_px,
+      elastic_prob=a.elastic_prob)
+
+
+def loss_kwargs(config) -> dict:
+  t = config.train
+  return dict(dice_weight=t.dice_weight, edge_weight=t.edge_weight, bce_weight=t.bce_weight,
+              side_weight=t.side_weight)
+
+
+def split_train_val(data: pipeline.ArrayDataset, num_val: int) -> tuple[pipeline.ArrayDataset, Optional[pipeline.ArrayDataset]]:
+  """The last `num_val` training images become the validation set (never the test split)."""
+  n = len(data.ids)
+  if num_val <= 0:
+    return data, None
+  if num_val >= n:
+    raise DataError(f'data.num_val={num_val} leaves no training images out of {n}')
+  take = lambda sl: pipeline.ArrayDataset(images=data.images[sl], labels=data.labels[sl],
+                                          fovs=data.fovs[sl], ids=data.ids[sl])
+  return take(slice(0, n - num_val)), take(slice(n - num_val, n))
+
+
+def validation_dice(predict_fn, variables, val: pipeline.ArrayDataset, batch_size: int) -> float:
+  """Mean per-image Dice at the working resolution inside the FOV, threshold 0.5."""
+  probs = coarse.infer_probs(predict_fn, variables, val.images, batch_size)
+  dices = []
+  for prob, label, fov in zip(probs, val.labels, val.fovs):
+    pred = (prob >= 0.5) & fov
+    lab = label & fov
+    denom = pred.sum() + lab.sum()
+    dices.append(1.0 if denom == 0 else 2.0 * (pred & lab).sum() / denom)
+  return float(np.mean(dices))
+
+
+def build_train_state(config, model, input_channels: int) -> state_lib.TrainState:
+  t = config.train
+  tx = state_lib.make_optimizer(t.learning_rate, t.num_steps, t.warmup_steps, t.weight_decay, t.grad_clip)
+  init_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  size = sources.work_size(config.data)
+  shape = (t.patch_size, t.patch_size, input_channels) if t.patch_size else size + (input_channels,)
+  return state_lib.create_train_state(model, init_key, shape, tx)
+
+
+def train_coarse(config, workdir: str | pathlib.Path, train_data: Optional[pipeline.ArrayDataset] = None) -> state_lib.TrainState:
+  """Trains (or resumes training of) the coarse model in `workdir`.
+
+  Args:
+    config: the full config (data, augment, model, train sections).
+    workdir: run folder; checkpoints/, best/, metrics and params.msgpack go here.
+    train_data: preprocessed training images; loaded from config.data if None.
+
+  Returns:
+    The final TrainState.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  t = config.train
+  devices = jax.local_device_count()
+  if t.batch_size % devices:
+    raise ValueError(f'train.batch_size={t.batch_size} is not divisible by the {devices} local devices')
+
+  if train_data is None:
+    train_data = sources.to_arrays(sources.load_samples(config.data, 'train', config.data.tfds_dir), config.data)
+  train_data, val_data = split_train_val(train_data, config.data.num_val)
+  log.info('coarse training on %d images (%d validation), working size %s, %d device(s)',
+           len(train_data.ids), 0 if val_data is None else len(val_data.ids),
+           train_data.images.shape[1:3], devices)
+
+  model = coarse.create_model(config.model, norm_axis_name=steps.AXIS)
+  eval_model = coarse.create_model(config.model)
+  state = build_train_state(config, model, train_data.images.shape[-1])
+  ckpt = state_lib.Checkpoints(workdir, keep=t.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(jax.tree.map(np.asarray, state))
+    log.info('resumed from %s at step %d', workdir / 'checkpoints', int(state.step))
+  start = int(state.step)
+
+  sampler = pipeline.PatchSampler(train_data, batch_size=t.batch_size, patch_size=t.patch_size,
+                                  fov_min_fraction=t.fov_patch_min, seed=config.seed)
+  train_step = steps.make_pmapped_train_step(make_augment_fn(config), loss_kwargs(config))
+  predict_fn = steps.make_predict_fn(eval_model.apply)
+  train_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+  progress = Progress(workdir, t.num_steps, start, 'coarse')
+  history = []
+  try:
+    for step in range(start, t.num_steps):
+      batch = pipeline.shard(sampler.batch(step), devices)
+      new_state, metrics = train_step(state, batch, train_key)
+      loss = float(metrics['loss'])
+      if not np.isfinite(loss):
+        raise TrainingError(
+            f'non-finite training loss ({loss}) at step {step}; stopped without saving it. '
+            f'The last good checkpoint is step {ckpt.latest_step()} in {workdir / "checkpoints"}.')
+      state = new_state
+      history.append(metrics)
+      done = step + 1
+      if done % t.log_every == 0 or done == t.num_steps:
+        progress.write(done, jax.tree.map(lambda *x: np.mean(x), *history))
+        history = []
+      if val_data is not None and (done % t.eval_every == 0 or done == t.num_steps):
+        variables = {'params': state.params, 'batch_stats': state.batch_stats}
+        dice = validation_dice(predict_fn, variables, val_data, config.eval.batch_size)
+        improved = ckpt.save_best(state, dice)
+        progress.write(done, {'dice': dice, 'best': ckpt.best_score}, prefix='val')
+        if improved:
+          log.info('new best validation Dice %.4f at step %d', dice, done)
+      if done % t.checkpoint_every == 0 or done == t.num_steps:
+        ckpt.save(state)
+  finally:
+    ckpt.wait()
+  final = {'params': state.params, 'batch_stats': state.batch_stats}
+  if val_data is not None and ckpt.best.latest_step() is not None:
+    final = ckpt.restore_best(jax.tree.map(np.asarray, final))
+  ckpt.close()
+  coarse.export_params(workdir / 'params.msgpack', final, config.model,
+                       {'dataset': config.data.name, 'steps': int(state.step),
+                        'image_size': list(sources.work_size(config.data)),
+                        'best_val_dice': None if val_data is None else ckpt.best_score})
+  return state
