@@ -9,6 +9,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # noqa: E402
 
+# Programs repeat across tests (every training run of the tiny config compiles
+# the same step): a persistent XLA cache for this test session cuts compile time.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    os.environ.get('TMPDIR', '/tmp'), 'vesseljax_test_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO_ROOT.parent / 'shared' / 'datasets'
 
@@ -43,3 +50,4 @@ def tiny_config():
   config.train.checkpoint_every = 2
   config.eval.batch_size = 2
   return config
+

@@ -39,13 +39,17 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.parse_flags_with_absl()
+  if not jax.config.jax_compilation_cache_dir:
+    # Re-runs and resumed runs skip XLA compilation (tens of seconds per program on a CPU).
+    jax.config.update('jax_compilation_cache_dir', str(pathlib.Path.home() / '.cache' / 'vesseljax' / 'xla'))
   logging.getLogger('vesseljax').setLevel(logging.INFO)
+  logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax logs every save at INFO
   config = _CONFIG.value
   _resolve_data_root(config)
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path.home() / 'vesseljax_runs' / config.data.name)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  logging.info('jax %s on %s (%d device(s)); workdir %s', jax.__version__, jax.default_backend(),
+  logging.getLogger('vesseljax').info('jax %s on %s (%d device(s)); workdir %s', jax.__version__, jax.default_backend(),
                jax.local_device_count(), workdir)
   command = 'python -m vesseljax.launch ' + ' '.join(sys.argv[1:])
   from vesseljax.data.sample import DataError  # pylint: disable=g-import-not-at-top
@@ -55,7 +59,7 @@ def main(argv):
     _dispatch(config, workdir, command)
   except (DataError, CheckpointError, TrainingError, FileExistsError) as e:
     # These carry messages naming the file and the problem: show them, not a traceback.
-    logging.error('%s: %s', type(e).__name__, e)
+    logging.getLogger('vesseljax').error('%s: %s', type(e).__name__, e)
     sys.exit(2)
 
 

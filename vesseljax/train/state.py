@@ -27,9 +27,9 @@ class TrainState(train_state.TrainState):
 
 def make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int,
                    weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
-  """AdamW with linear warm-up then cosine decay to 1% of `learning_rate`."""
+  """AdamW with linear warm-up (from learning_rate / warmup_steps) then cosine decay to 1%."""
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=learning_rate, warmup_steps=max(1, warmup_steps),
+      init_value=learning_rate / max(1, warmup_steps), peak_value=learning_rate, warmup_steps=max(1, warmup_steps),
       decay_steps=max(num_steps, warmup_steps + 1), end_value=learning_rate * 0.01)
   parts = [optax.adamw(schedule, weight_decay=weight_decay)]
   if grad_clip:

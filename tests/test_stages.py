@@ -1,0 +1,125 @@
+"""Evaluate and predict stages, checkpoint checks, and the launch entry point end to end."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, tiny_config
+from vesseljax import predict, stages
+from vesseljax.data import sources
+from vesseljax.evaluate import metrics
+from vesseljax.train import coarse, loops
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny LU-Net+RA trained for a few steps on synthetic images."""
+  workdir = tmp_path_factory.mktemp('run')
+  config = tiny_config()
+  config.train.num_steps = 3
+  loops.train_coarse(config, workdir)
+  return config, workdir
+
+
+def test_evaluate_writes_rows_that_match_the_metrics(trained):
+  config, workdir = trained
+  result = stages.evaluate(config, workdir, command='pytest')
+  saved = json.loads((workdir / 'eval_test.json').read_text())
+  assert [r['id'] for r in saved['rows']] == [s.id for s in sources.load_samples(config.data, 'test')]
+  assert saved['meta']['working_size_hw'] == [64, 64] and saved['meta']['threshold'] == 0.5
+  assert set(metrics.METRICS) <= set(saved['summary'])
+  # Recompute one row independently: native-size probabilities, inside the FOV.
+  sample = sources.load_samples(config.data, 'test')[0]
+  predictor = predict.CoarsePredictor(workdir / 'params.msgpack', config.data)
+  want = metrics.image_metrics(predictor(sample.image), sample.label, sample.fov, 0.5)
+  assert result['rows'][0]['dice'] == pytest.approx(want['dice'], abs=1e-6)
+  assert result['rows'][0]['auc'] == pytest.approx(want['auc'], abs=1e-6)
+  assert (workdir / 'eval_test.md').read_text().count('|') > 10
+  with pytest.raises(FileExistsError, match='eval_test.json'):
+    stages.evaluate(config, workdir)
+
+
+def test_predict_writes_maps_and_skips_unreadable_inputs(trained, tmp_path):
+  config, workdir = trained
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  sample = sources.load_samples(config.data, 'test')[0]
+  big = cv2.resize(sample.image, (90, 70))  # any size, not the working size
+  cv2.imwrite(str(inputs / 'photo.jpg'), cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
+  (inputs / 'broken.png').write_bytes(b'not a png at all')
+  predictor = predict.CoarsePredictor(workdir / 'params.msgpack', config.data)
+  written, errors = predict.predict_files(predictor, predict.list_inputs(inputs), tmp_path / 'out')
+  assert written == 1 and len(errors) == 1 and 'broken.png' in errors[0]
+  prob = cv2.imread(str(tmp_path / 'out' / 'photo_prob.png'), cv2.IMREAD_UNCHANGED)
+  mask = cv2.imread(str(tmp_path / 'out' / 'photo_mask.png'), cv2.IMREAD_UNCHANGED)
+  over = cv2.imread(str(tmp_path / 'out' / 'photo_overlay.png'), cv2.IMREAD_UNCHANGED)
+  assert prob.dtype == np.uint16 and prob.shape == (70, 90)
+  assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255} and mask.shape == (70, 90)
+  assert over.shape == (70, 90, 3)
+  np.testing.assert_array_equal(mask == 255, (prob / 65535.0) >= 0.5 - 1e-4)
+
+
+def test_missing_and_incompatible_checkpoints_are_named(trained, tmp_path):
+  config, workdir = trained
+  with pytest.raises(coarse.CheckpointError, match='nothing.msgpack: checkpoint file not found'):
+    predict.CoarsePredictor(tmp_path / 'nothing.msgpack', config.data)
+  # A checkpoint whose sidecar claims another architecture.
+  bad = tmp_path / 'bad.msgpack'
+  bad.write_bytes((workdir / 'params.msgpack').read_bytes())
+  sidecar = json.loads(pathlib.Path(str(workdir / 'params.msgpack') + '.json').read_text())
+  sidecar['model']['widths'] = [8, 8, 8, 8]
+  sidecar['model_hash'] = coarse.spec_hash(sidecar['model'])
+  pathlib.Path(str(bad) + '.json').write_text(json.dumps(sidecar))
+  with pytest.raises(coarse.CheckpointError, match='bad.msgpack: checkpoint does not fit the model'):
+    predict.CoarsePredictor(bad, config.data)
+  corrupt = tmp_path / 'corrupt.msgpack'
+  corrupt.write_bytes(b'\x00garbage')
+  pathlib.Path(str(corrupt) + '.json').write_text(json.dumps(sidecar))
+  with pytest.raises(coarse.CheckpointError, match='corrupt.msgpack: not a readable msgpack'):
+    predict.CoarsePredictor(corrupt, config.data)
+
+
+def _launch(*args, cwd=REPO_ROOT):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'vesseljax.launch', *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+TINY_FLAGS = [
+    '--config=configs/synthetic.py', '--config.data.image_size=(64,64)',
+    '--config.data.synthetic_size=(64,64)', '--config.data.synthetic_num_train=4',
+    '--config.data.synthetic_num_test=2', '--config.data.num_val=1',
+    '--config.model.widths=(4,8,8,16)', '--config.model.bottleneck=16',
+    '--config.train.batch_size=2', '--config.train.patch_size=32', '--config.train.num_steps=2',
+    '--config.train.eval_every=2', '--config.train.log_every=1',
+]
+
+
+def test_launch_runs_the_whole_job_and_then_skips_it(tmp_path):
+  proc = _launch(*TINY_FLAGS, f'--workdir={tmp_path}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ('stats.json', 'params.msgpack', 'eval_test.json', 'eval_test.md', 'config.json'):
+    assert (tmp_path / name).exists(), name
+  for kind in ('prob', 'mask', 'overlay'):
+    assert len(list((tmp_path / 'predictions').glob(f'*_{kind}.png'))) == 2, kind
+  assert 'Outputs in' in proc.stderr
+  again = _launch(*TINY_FLAGS, f'--workdir={tmp_path}')
+  assert again.returncode == 0 and 'training done already' in again.stderr
+
+
+def test_launch_reports_bad_input_without_a_traceback(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  proc = _launch('--config=configs/drive.py', f'--config.data.root={empty}', '--mode=stats',
+                 f'--workdir={tmp_path / "w"}')
+  assert proc.returncode == 2
+  assert 'DataError' in proc.stderr and str(empty) in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  proc = _launch(*TINY_FLAGS, '--mode=predict', f'--workdir={tmp_path / "w"}')
+  assert proc.returncode != 0 and '--input' in proc.stderr
