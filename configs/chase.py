@@ -5,7 +5,11 @@
 Working size 960x992 (H, W): near-native and divisible by 16.
 """
 
-from configs import base
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # so configs/ imports from anywhere
+from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config():

@@ -6,7 +6,11 @@ Working size 1168x1760 (H, W), half the native resolution: SPEC.md measures a
 perfect label resized to 512 and back at Dice 0.891, at 1024 at 0.977.
 """
 
-from configs import base
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # so configs/ imports from anywhere
+from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config():

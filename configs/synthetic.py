@@ -6,7 +6,11 @@ Small images and a short schedule so the whole pipeline runs in minutes on a
 2-core CPU; the numbers it produces say the code works, not how good it is.
 """
 
-from configs import base
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # so configs/ imports from anywhere
+from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config():

@@ -46,9 +46,16 @@ def load_samples(data_config, split: str, tfds_dir: Optional[str | pathlib.Path]
 
 
 def work_size(data_config) -> tuple[int, int]:
-  """The working resolution (H, W) of `data_config`, checked divisible by 16."""
+  """The working resolution (H, W) of `data_config`, checked divisible by 16.
+
+  `image_size` is (H, W), or one number for a square (`--config.data.image_size=512`
+  reaches the config as the tuple (512,)).
+  """
   size = data_config.image_size
-  h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+  size = (size,) if isinstance(size, int) else tuple(size)
+  if len(size) not in (1, 2):
+    raise ValueError(f'data.image_size must be N or (H, W), got {size}')
+  h, w = int(size[0]), int(size[-1])
   if h % 16 or w % 16:
     raise ValueError(f'data.image_size must be divisible by 16 (4 poolings), got {(h, w)}')
   return h, w
