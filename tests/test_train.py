@@ -86,6 +86,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   assert ckpt.latest_step() == 2
   ckpt.close()
   assert not (tmp_path / 'params.msgpack').exists()
+  # A stopped run can still be exported from its last good checkpoint.
+  sidecar, _ = coarse.load_params(loops.export_run(config, tmp_path))
+  assert sidecar['steps_trained'] == 2 and sidecar['exported_from'] == 'step 2'
+
+
+def test_export_without_a_checkpoint_says_so(tmp_path):
+  with pytest.raises(coarse.CheckpointError, match='no checkpoint to export'):
+    loops.export_run(tiny_config(), tmp_path)
 
 
 def test_training_on_an_empty_data_folder_names_it(tmp_path):

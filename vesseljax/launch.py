@@ -4,7 +4,8 @@ r"""vesseljax command line.
 
 Without --mode the whole job for the config runs (stats, train, evaluate,
 predict), skipping finished stages and resuming a partial training run.
-Modes: all, prepare, stats, train, evaluate, predict. Override config fields
+Modes: all, prepare, stats, train, export (params-only weights from the
+best or latest checkpoint), evaluate, predict. Override config fields
 with e.g. --config.train.num_steps=500 or --config.data.root=/data/retina.
 """
 
@@ -18,7 +19,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (default ~/vesseljax_runs/<dataset>).')
-_MODE = flags.DEFINE_enum('mode', 'all', ['all', 'prepare', 'stats', 'train', 'evaluate', 'predict'],
+_MODE = flags.DEFINE_enum('mode', 'all', ['all', 'prepare', 'stats', 'train', 'export', 'evaluate', 'predict'],
                           'What to run.')
 _INPUT = flags.DEFINE_string('input', None, 'predict: a photo or a folder of photos.')
 _OUTPUT = flags.DEFINE_string('output', None, 'predict: output folder (default <workdir>/predictions).')
@@ -74,6 +75,8 @@ def _dispatch(config, workdir: pathlib.Path, command: str) -> None:
     stages.stats(config, workdir)
   elif mode == 'train':
     stages.train(config, workdir)
+  elif mode == 'export':
+    stages.export(config, workdir)
   elif mode == 'evaluate':
     stages.evaluate(config, workdir, command, overwrite=_OVERWRITE.value)
   elif mode == 'predict':

@@ -98,6 +98,11 @@ def train(config, workdir: pathlib.Path):
   return loops.train_coarse(config, workdir)
 
 
+def export(config, workdir: pathlib.Path) -> pathlib.Path:
+  from vesseljax.train import loops  # pylint: disable=g-import-not-at-top
+  return loops.export_run(config, workdir)
+
+
 def checkpoint_path(config, workdir: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(config.eval.checkpoint) if config.eval.checkpoint else workdir / 'params.msgpack'
 

@@ -169,12 +169,38 @@ def train_coarse(config, workdir: str | pathlib.Path, train_data: Optional[pipel
         ckpt.save(state)
   finally:
     ckpt.wait()
-  final = {'params': state.params, 'batch_stats': state.batch_stats}
-  if val_data is not None and ckpt.best.latest_step() is not None:
-    final = ckpt.restore_best(jax.tree.map(np.asarray, final))
   ckpt.close()
-  coarse.export_params(workdir / 'params.msgpack', final, config.model,
-                       {'dataset': config.data.name, 'steps': int(state.step),
-                        'image_size': list(sources.work_size(config.data)),
-                        'best_val_dice': None if val_data is None else ckpt.best_score})
+  export_run(config, workdir, state)
   return state
+
+
+def export_run(config, workdir: str | pathlib.Path,
+               state: Optional[state_lib.TrainState] = None) -> pathlib.Path:
+  """Writes `<workdir>/params.msgpack` (params-only release format) from a run.
+
+  Takes the best-validation checkpoint when there is one, else `state`, else
+  the latest checkpoint; so a run stopped early can still be evaluated.
+  """
+  workdir = pathlib.Path(workdir)
+  ckpt = state_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  try:
+    if state is None:
+      if ckpt.latest_step() is None:
+        raise coarse.CheckpointError(f'{workdir / "checkpoints"}: no checkpoint to export')
+      model = coarse.create_model(config.model, norm_axis_name=steps.AXIS)
+      abstract = build_train_state(config, model, 1)
+      state = ckpt.restore(jax.tree.map(np.asarray, abstract))
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    source = f'step {int(state.step)}'
+    if ckpt.best.latest_step() is not None:
+      variables = ckpt.restore_best(jax.tree.map(np.asarray, variables))
+      source = f'best validation checkpoint, step {ckpt.best.latest_step()}'
+    path = coarse.export_params(
+        workdir / 'params.msgpack', variables, config.model,
+        {'dataset': config.data.name, 'steps_trained': int(state.step), 'exported_from': source,
+         'image_size': list(sources.work_size(config.data)),
+         'best_val_dice': None if ckpt.best.latest_step() is None else ckpt.best_score})
+  finally:
+    ckpt.close()
+  log.info('exported %s (%s)', path, source)
+  return path
