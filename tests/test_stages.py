@@ -22,7 +22,6 @@ def trained(tmp_path_factory):
   """A tiny LU-Net+RA trained for a few steps on synthetic images."""
   workdir = tmp_path_factory.mktemp('run')
   config = tiny_config()
-  config.train.num_steps = 3
   loops.train_coarse(config, workdir)
   return config, workdir
 
@@ -86,18 +85,20 @@ def test_missing_and_incompatible_checkpoints_are_named(trained, tmp_path):
 
 
 def _launch(*args, cwd=REPO_ROOT):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')  # keeps conftest's 4 devices and XLA cache
   return subprocess.run([sys.executable, '-m', 'vesseljax.launch', *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=900)
 
 
+# conftest.tiny_config() as flags: the same programs, so the XLA cache serves them.
 TINY_FLAGS = [
     '--config=configs/synthetic.py', '--config.data.image_size=(64,64)',
-    '--config.data.synthetic_size=(64,64)', '--config.data.synthetic_num_train=4',
+    '--config.data.synthetic_size=(64,64)', '--config.data.synthetic_num_train=5',
     '--config.data.synthetic_num_test=2', '--config.data.num_val=1',
     '--config.model.widths=(4,8,8,16)', '--config.model.bottleneck=16',
-    '--config.train.batch_size=2', '--config.train.patch_size=32', '--config.train.num_steps=2',
-    '--config.train.eval_every=2', '--config.train.log_every=1',
+    '--config.train.batch_size=4', '--config.train.patch_size=32', '--config.train.num_steps=6',
+    '--config.train.warmup_steps=2', '--config.train.log_every=2', '--config.train.eval_every=3',
+    '--config.train.checkpoint_every=2', '--config.eval.batch_size=2',
 ]
 
 
