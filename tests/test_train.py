@@ -86,9 +86,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   assert ckpt.latest_step() == 2
   ckpt.close()
   assert not (tmp_path / 'params.msgpack').exists()
-  # A stopped run can still be exported from its last good checkpoint.
+  # A stopped run can still be exported: validation at step 3 saved the best weights.
   sidecar, _ = coarse.load_params(loops.export_run(config, tmp_path))
-  assert sidecar['steps_trained'] == 2 and sidecar['exported_from'] == 'step 2'
+  assert sidecar['steps_trained'] == 3
+  assert sidecar['exported_from'] == 'best validation checkpoint, step 3'
 
 
 def test_export_without_a_checkpoint_says_so(tmp_path):

@@ -191,13 +191,14 @@ def export_run(config, workdir: str | pathlib.Path,
       abstract = build_train_state(config, model, 1)
       state = ckpt.restore(jax.tree.map(np.asarray, abstract))
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    source = f'step {int(state.step)}'
+    step, source = int(state.step), f'step {int(state.step)}'
     if ckpt.best.latest_step() is not None:
       variables = ckpt.restore_best(jax.tree.map(np.asarray, variables))
-      source = f'best validation checkpoint, step {ckpt.best.latest_step()}'
+      step = ckpt.best.latest_step()
+      source = f'best validation checkpoint, step {step}'
     path = coarse.export_params(
         workdir / 'params.msgpack', variables, config.model,
-        {'dataset': config.data.name, 'steps_trained': int(state.step), 'exported_from': source,
+        {'dataset': config.data.name, 'steps_trained': step, 'exported_from': source,
          'image_size': list(sources.work_size(config.data)),
          'best_val_dice': None if ckpt.best.latest_step() is None else ckpt.best_score})
   finally:
