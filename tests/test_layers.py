@@ -91,6 +91,15 @@ def test_pointwise_dense_equals_conv1x1():
                              rtol=1e-5, atol=1e-6)
 
 
+def test_pointwise_kernel_grad_in_row_blocks(monkeypatch):
+  monkeypatch.setattr(layers, '_DENSE_GRAD_BLOCK_ROWS', 8)  # 40 rows: 5 blocks.
+  x, k, b = _normal(17, (2, 4, 5, 3)), _normal(18, (3, 6)), _normal(19, (6,))
+  _, grads = _vjps(layers.pointwise_dense, (x, k, b))
+  _, grads_ref = _vjps(layers.pointwise_reference, (x, k, b))
+  for a, r in zip(grads, grads_ref):
+    _assert_close(a, r)
+
+
 def test_conv3x3_im2col_equals_conv():
   x, k = _normal(9, (2, 6, 5, 2)), _normal(10, (3, 3, 2, 4))
   out, grads = _vjps(layers.conv3x3_im2col, (x, k))
@@ -127,10 +136,19 @@ def test_upsample_pow2_repeats_2x():
   np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6)
 
 
-def test_max_pool2x2():
+@pytest.mark.parametrize('ties', [False, True])
+def test_max_pool2x2_equals_nn_max_pool(ties):
   x = _normal(13, (2, 4, 6, 3))
-  ref = nn.max_pool(x, (2, 2), strides=(2, 2))
-  np.testing.assert_array_equal(layers.max_pool2x2(x), ref)
+  if ties:  # ReLU-like zeros: whole windows tie.
+    x = jnp.maximum(x, 0.0).at[:, :2, :2].set(0.0)
+  pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  out, (dx,) = _vjps(layers.max_pool2x2, (x,))
+  ref, (dx_ref,) = _vjps(pool, (x,))
+  np.testing.assert_array_equal(out, ref)
+  np.testing.assert_array_equal(dx, dx_ref)
+  # Each window's cotangent goes to exactly one of its pixels.
+  nonzero = (np.asarray(dx) != 0).reshape(2, 2, 2, 3, 2, 3).sum(axis=(2, 4))
+  assert np.all(nonzero == 1)
 
 
 @pytest.mark.parametrize('module_fn', [

@@ -1,9 +1,9 @@
 """LU-Net and LU-Net+RA: a lightweight U-Net of depthwise-separable convs.
 
-The coarse vessel segmenter of the paper (section 3.2), after Hernandez-Gutierrez
-et al., "Retinal Vessel Segmentation Based on a Lightweight U-Net and Reverse
-Attention", Mathematics 13(13):2203, 2025. The paper gives no layer table; this
-is our reading, sized to its 1.94M parameters.
+The coarse vessel segmenter of the paper (section 3.2), after
+Hernandez-Gutierrez et al., "Retinal Vessel Segmentation Based on a Lightweight
+U-Net and Reverse Attention", Mathematics 13(13):2203, 2025. The paper gives no
+layer table; this is our reading, sized to its 1.94M parameters.
 
 Architecture (input x (B, H, W, C_in), H and W divisible by 16; level l works
 at resolution H/2^l; widths w = (32, 64, 128, 256), bottleneck 640):
@@ -22,8 +22,8 @@ Predictions P_l (logits at level l, (B, H/2^l, W/2^l, 1)), for l = 3..0:
   LU-Net+RA:  reverse attention as in PraNet (Fan et al., MICCAI 2020), on the
               decoder features:
                 A_l   = upsample2x(P_{l+1})              deeper prediction
-                G_l   = F_l * (1 - sigmoid(A_l))          reverse-attention gate,
-                                                          computed sigmoid(-A_l)
+                G_l   = F_l * (1 - sigmoid(A_l))          reverse-attention gate
+                                                          (as sigmoid(-A_l))
                 P_l   = A_l + ra_l(G_l)                   residual refinement
               where ra_l is two (separable conv, BN, ReLU) at width w_l and a
               1x1 conv to one logit, zero-initialised so that every P_l starts
@@ -48,8 +48,9 @@ Outputs (all float32, full resolution (B, H, W, 1)):
 `impl='fast'` (shifted depthwise convs, 1x1 convs as matmuls, exact 2x
 upsampling; fast on CPU) and `impl='reference'` (grouped `lax.conv`, 1x1 conv,
 `jax.image.resize`; fast on GPU) are the same function with the same parameter
-tree (tests/test_lunet.py). Parameters (default widths): LU-Net 1,727,717,
-LU-Net+RA 1,912,357 (the paper: 1.94M; ours is 1.4% fewer).
+tree (tests/test_lunet.py). Default widths: LU-Net 1,727,717 parameters and
+10.5 G multiply-adds per 512x512 image; LU-Net+RA 1,912,357 parameters (the
+cited paper: 1.94M) and 13.0 G multiply-adds (the paper's "12.21 GFLOPs").
 """
 
 import functools
@@ -65,7 +66,8 @@ from vesseljax.models import layers
 Array = jax.Array
 Dtype = Any
 
-# Input sides must be divisible by this (four 2x poolings).
+# Input sides must be divisible by this with the default four levels
+# (2 ** len(widths) in general: one 2x2 max-pool per level).
 SIZE_DIVISOR = 16
 
 
@@ -189,7 +191,7 @@ class LUNet(nn.Module):
     Raises:
       ValueError: if x is not (B, H, W, C) with H, W divisible by 16.
     """
-    layers._check_impl(self.impl)  # pylint: disable=protected-access
+    layers.check_impl(self.impl)
     levels = len(self.widths)
     divisor = 2 ** levels
     if x.ndim != 4 or x.shape[1] % divisor or x.shape[2] % divisor:
