@@ -5,6 +5,7 @@ r"""Speed and memory of the coarse model: prints a table and writes JSON.
 
 Figures per implementation ('fast': shifted depthwise + matmul 1x1 + exact 2x
 upsample; 'reference': grouped conv + 1x1 conv + jax.image.resize):
+  flops                  XLA's flop count for one 512x512 forward, and the parameter count
   infer_b1, infer_b8     LU-Net+RA forward, eval mode, 512x512, seconds per image
   train_b4_512           one pmapped train step (augmentation, loss, AdamW), 4x512x512
   train_b16_p128         the same at 16x128x128 patches (the CPU training setting)
@@ -62,6 +63,14 @@ def measure(impl, figure, repeats, model_name):
   config.model.name = model_name
   config.model.impl = impl
   rng = np.random.default_rng(0)
+  if figure == 'flops':
+    model = coarse.create_model(config.model)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 512, 512, 1)), train=False))
+    fn = jax.jit(lambda v, x: model.apply(v, x, train=False)['logits'])
+    cost = fn.lower(variables, jax.ShapeDtypeStruct((1, 512, 512, 1), jnp.float32)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {'xla_gflop_per_image': float(cost['flops']) / 1e9,
+            'params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables['params'])))}
   if figure.startswith('infer'):
     batch = int(figure.split('_b')[1])
     model = coarse.create_model(config.model)
@@ -110,6 +119,10 @@ def main(argv):
     for figure in _FIGURES.value:
       r = measure(impl, figure, _REPEATS.value, _MODEL.value)
       results['figures'][f'{impl}/{figure}'] = r
+      if figure == 'flops':
+        print(f"{impl:<10} {figure:<16} {r['xla_gflop_per_image']:>7.1f} GFLOP/image (XLA count), "
+              f"{r['params']:,} params", flush=True)
+        continue
       t = r.get('seconds_per_image', r.get('seconds_per_step'))
       unit = 's/img' if 'seconds_per_image' in r else 's/step'
       mem = r['xla_memory_mb']
