@@ -25,9 +25,9 @@ def get_config():
   config.model.bottleneck = 256
   config.train.batch_size = 8
   config.train.patch_size = 96
-  config.train.num_steps = 150
+  config.train.num_steps = 400
   config.train.warmup_steps = 20
   config.train.log_every = 10
-  config.train.eval_every = 50
-  config.train.checkpoint_every = 50
+  config.train.eval_every = 100
+  config.train.checkpoint_every = 100
   return config
