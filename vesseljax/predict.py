@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vesseljax.data import datasets, preprocess
+from vesseljax.data import datasets, preprocess, sources
 from vesseljax.data.sample import DataError
 from vesseljax.train import coarse, steps
 
@@ -36,7 +36,7 @@ class CoarsePredictor:
     self.model = coarse.create_model(dict(spec, impl=impl))
     coarse.check_variables(variables, self.model, 1, str(checkpoint))
     self.variables = jax.tree.map(jnp.asarray, variables)
-    self.work_size = tuple(self.sidecar.get('image_size') or preprocess_size(data_config))
+    self.work_size = tuple(self.sidecar.get('image_size') or sources.work_size(data_config))
     self.data_config = data_config
     self._apply = steps.make_predict_fn(self.model.apply)
 
@@ -56,11 +56,6 @@ class CoarsePredictor:
     """(H, W) float32 vessel probability at the photo's native size."""
     prob = self.probs_at_work_size(self.preprocess(rgb)[None])[0]
     return preprocess.to_native(prob, rgb.shape[:2])
-
-
-def preprocess_size(data_config) -> tuple[int, int]:
-  from vesseljax.data import sources  # pylint: disable=g-import-not-at-top
-  return sources.work_size(data_config)
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray, color=(0, 255, 0), alpha: float = 0.6,
