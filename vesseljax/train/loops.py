@@ -21,6 +21,7 @@ import numpy as np
 
 from vesseljax.data import augment, pipeline, sources
 from vesseljax.data.sample import DataError
+from vesseljax.evaluate import metrics
 from vesseljax.train import coarse, state as state_lib, steps
 
 log = logging.getLogger('vesseljax')
@@ -84,13 +85,8 @@ def split_train_val(data: pipeline.ArrayDataset, num_val: int) -> tuple[pipeline
 def validation_dice(predict_fn, variables, val: pipeline.ArrayDataset, batch_size: int) -> float:
   """Mean per-image Dice at the working resolution inside the FOV, threshold 0.5."""
   probs = coarse.infer_probs(predict_fn, variables, val.images, batch_size)
-  dices = []
-  for prob, label, fov in zip(probs, val.labels, val.fovs):
-    pred = (prob >= 0.5) & fov
-    lab = label & fov
-    denom = pred.sum() + lab.sum()
-    dices.append(1.0 if denom == 0 else 2.0 * (pred & lab).sum() / denom)
-  return float(np.mean(dices))
+  return float(np.mean([metrics.image_metrics(prob, label, fov, 0.5)['dice']
+                        for prob, label, fov in zip(probs, val.labels, val.fovs)]))
 
 
 def build_train_state(config, model, input_channels: int) -> state_lib.TrainState:
