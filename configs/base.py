@@ -26,6 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.clahe_tile_px = 32  # CLAHE tile side at the working resolution
   config.data.gamma = 1.2  # applied as out = in ** (1 / gamma)
   config.data.num_val = 2  # training images held out for validation Dice
+  # k-fold over the training split (0 = off): train without block `fold` of
+  # `num_folds` contiguous blocks of the sorted training images; `--mode=holdout`
+  # then writes the coarse maps of the held-out block (out-of-fold masks for
+  # the refiner, which must never see a coarse mask of an image the coarse
+  # model was trained on).
+  config.data.num_folds = 0
+  config.data.fold = 0
   # Synthetic data only.
   config.data.synthetic_num_train = 12
   config.data.synthetic_num_test = 4

@@ -114,6 +114,9 @@ def main(argv):
              'device': str(jax.devices()[0].device_kind), 'cpu_count': __import__('os').cpu_count(),
              'machine': platform.machine(), 'model': _MODEL.value, 'repeats': _REPEATS.value,
              'command': 'python launch/benchmark.py ' + ' '.join(sys.argv[1:]), 'figures': {}}
+  out = pathlib.Path(_OUT.value) if _OUT.value else None
+  if out and out.exists() and not _OVERWRITE.value:
+    raise app.UsageError(f'{out} exists; pass --overwrite to replace it')
   print(f"{'impl':<10} {'figure':<16} {'time':>10} {'img/s':>8} {'compile':>9} {'XLA MB':>8}")
   for impl in _IMPLS.value:
     for figure in _FIGURES.value:
@@ -128,15 +131,30 @@ def main(argv):
       mem = r['xla_memory_mb']
       print(f"{impl:<10} {figure:<16} {t:>7.3f} {unit:<6} {r['images_per_second']:>6.1f} "
             f"{r['compile_s']:>8.1f}s {mem if mem is None else round(mem):>8}", flush=True)
+      _write(out, results)  # after every figure: a run cut short keeps what it measured
   results['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print(f"peak RSS {results['peak_rss_mb']:.0f} MB")
-  if _OUT.value:
-    out = pathlib.Path(_OUT.value)
-    if out.exists() and not _OVERWRITE.value:
-      raise app.UsageError(f'{out} exists; pass --overwrite to replace it')
+  stats = _device_memory_stats()
+  if stats:
+    results['device_peak_mb'] = stats.get('peak_bytes_in_use', 0) / 2**20
+  print(f"peak RSS {results['peak_rss_mb']:.0f} MB" +
+        (f", device peak {results['device_peak_mb']:.0f} MB" if stats else ''))
+  _write(out, results)
+  if out:
+    print(f'wrote {out}')
+
+
+def _device_memory_stats() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    return jax.devices()[0].memory_stats() or {}
+  except Exception:  # CPU backends have none
+    return {}
+
+
+def _write(out, results) -> None:
+  if out:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f'wrote {out}')
 
 
 if __name__ == '__main__':

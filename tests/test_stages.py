@@ -124,3 +124,42 @@ def test_launch_reports_bad_input_without_a_traceback(tmp_path):
   assert 'Traceback' not in proc.stderr
   proc = _launch(*TINY_FLAGS, '--mode=predict', f'--workdir={tmp_path / "w"}')
   assert proc.returncode != 0 and '--input' in proc.stderr
+
+
+def test_fold_split_partitions_the_training_images():
+  data = sources.to_arrays(sources.load_samples(tiny_config().data, 'train'), tiny_config().data)
+  held = [sources.fold_split(data, 3, k)[1].ids for k in range(3)]
+  assert sorted(sum(held, [])) == sorted(data.ids)  # every image held out exactly once
+  assert [len(h) for h in held] == [2, 2, 1]
+  rest, out = sources.fold_split(data, 3, 1)
+  assert not set(rest.ids) & set(out.ids) and len(rest) + len(out) == len(data)
+  np.testing.assert_array_equal(out.images, data.images[2:4])
+  with pytest.raises(sources.DataError, match='data.fold=3'):
+    sources.fold_split(data, 3, 3)
+  with pytest.raises(sources.DataError, match='num_folds=9'):
+    sources.fold_split(data, 9, 0)
+
+
+def test_holdout_maps_come_from_a_model_that_never_saw_them(tmp_path):
+  config = tiny_config()
+  config.data.num_folds, config.data.fold = 2, 1
+  config.train.num_steps = 2
+  data = sources.to_arrays(sources.load_samples(config.data, 'train'), config.data)
+  train, val = loops.training_images(config, data)
+  _, held = sources.fold_split(data, 2, 1)
+  assert not set(held.ids) & (set(train.ids) | set(val.ids))
+  loops.train_coarse(config, tmp_path)
+  path = stages.holdout(config, tmp_path)
+  maps = np.load(path)
+  assert list(maps['ids']) == held.ids
+  assert maps['prob'].shape == maps['ra_map'].shape == (len(held), 64, 64)
+  assert maps['prob'].dtype == np.uint8
+  # Same numbers as the predictor's working-size probabilities.
+  predictor = predict.CoarsePredictor(tmp_path / 'params.msgpack', config.data)
+  want = predictor.probs_at_work_size(held.images)
+  np.testing.assert_allclose(maps['prob'] / 255, want, atol=0.5 / 255 + 1e-6)
+  with pytest.raises(FileExistsError):
+    stages.holdout(config, tmp_path)
+  config.data.fold = 0  # the checkpoint was trained without fold 1, not fold 0
+  with pytest.raises(coarse.CheckpointError, match='not be out-of-fold'):
+    stages.holdout(config, tmp_path, overwrite=True)

@@ -5,7 +5,8 @@ r"""vesseljax command line.
 Without --mode the whole job for the config runs (stats, train, evaluate,
 predict), skipping finished stages and resuming a partial training run.
 Modes: all, prepare, stats, train, export (params-only weights from the
-best or latest checkpoint), evaluate, predict. Override config fields
+best or latest checkpoint), evaluate, predict, holdout (out-of-fold coarse
+maps of a k-fold run, for the refiner). Override config fields
 with e.g. --config.train.num_steps=500 or --config.data.root=/data/retina.
 """
 
@@ -19,11 +20,12 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (default ~/vesseljax_runs/<dataset>).')
-_MODE = flags.DEFINE_enum('mode', 'all', ['all', 'prepare', 'stats', 'train', 'export', 'evaluate', 'predict'],
+_MODE = flags.DEFINE_enum('mode', 'all', ['all', 'prepare', 'stats', 'train', 'export', 'evaluate', 'predict',
+                                           'holdout'],
                           'What to run.')
 _INPUT = flags.DEFINE_string('input', None, 'predict: a photo or a folder of photos.')
 _OUTPUT = flags.DEFINE_string('output', None, 'predict: output folder (default <workdir>/predictions).')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'evaluate: replace existing result files.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'evaluate, holdout: replace existing result files.')
 
 DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'datasets'
 
@@ -79,6 +81,8 @@ def _dispatch(config, workdir: pathlib.Path, command: str) -> None:
     stages.export(config, workdir)
   elif mode == 'evaluate':
     stages.evaluate(config, workdir, command, overwrite=_OVERWRITE.value)
+  elif mode == 'holdout':
+    stages.holdout(config, workdir, overwrite=_OVERWRITE.value)
   elif mode == 'predict':
     if not _INPUT.value:
       raise app.UsageError('--mode=predict needs --input=FILE_OR_DIR')

@@ -57,6 +57,12 @@ class ArrayDataset:
   def __len__(self) -> int:
     return self.images.shape[0]
 
+  def subset(self, index) -> 'ArrayDataset':
+    """The images at `index` (a slice or an integer array), in that order."""
+    ids = self.ids[index] if isinstance(index, slice) else [self.ids[i] for i in index]
+    return ArrayDataset(images=self.images[index], labels=self.labels[index],
+                        fovs=self.fovs[index], ids=ids)
+
 
 def _whole_images(patch_size: int, h: int, w: int) -> bool:
   """Whether `patch_size` means whole images; raises if it fits one side."""

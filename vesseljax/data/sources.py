@@ -77,3 +77,22 @@ def to_arrays(samples: Sequence[Sample], data_config) -> ArrayDataset:
   labels = np.stack([preprocess.resize_mask(s.label, size) > 0.5 for s in samples])
   fovs = np.stack([preprocess.resize_mask(s.fov, size) > 0.5 for s in samples])
   return ArrayDataset(images=images, labels=labels, fovs=fovs, ids=[s.id for s in samples])
+
+
+def fold_split(data: ArrayDataset, num_folds: int, fold: int) -> tuple[ArrayDataset, ArrayDataset]:
+  """Splits `data` into (the other folds, block `fold`) of `num_folds` contiguous blocks.
+
+  Blocks follow the dataset's sorted order (np.array_split sizes), so for HRF
+  (ids 01_dr, 01_g, 01_h, 02_dr, ...) every block mixes the three categories.
+
+  Raises:
+    DataError: fewer images than folds, or `fold` outside [0, num_folds).
+  """
+  n = len(data.ids)
+  if not 0 <= fold < num_folds:
+    raise DataError(f'data.fold={fold} is outside [0, data.num_folds={num_folds})')
+  if num_folds > n:
+    raise DataError(f'data.num_folds={num_folds} is more than the {n} training images')
+  held = np.array_split(np.arange(n), num_folds)[fold]
+  rest = np.setdiff1d(np.arange(n), held)
+  return data.subset(rest), data.subset(held)

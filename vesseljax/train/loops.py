@@ -77,9 +77,14 @@ def split_train_val(data: pipeline.ArrayDataset, num_val: int) -> tuple[pipeline
     return data, None
   if num_val >= n:
     raise DataError(f'data.num_val={num_val} leaves no training images out of {n}')
-  take = lambda sl: pipeline.ArrayDataset(images=data.images[sl], labels=data.labels[sl],
-                                          fovs=data.fovs[sl], ids=data.ids[sl])
-  return take(slice(0, n - num_val)), take(slice(n - num_val, n))
+  return data.subset(slice(0, n - num_val)), data.subset(slice(n - num_val, n))
+
+
+def training_images(config, data: pipeline.ArrayDataset) -> tuple[pipeline.ArrayDataset, Optional[pipeline.ArrayDataset]]:
+  """(train, validation) from the training split: the held-out fold removed first, if any."""
+  if config.data.num_folds:
+    data, _ = sources.fold_split(data, config.data.num_folds, config.data.fold)
+  return split_train_val(data, config.data.num_val)
 
 
 def validation_dice(predict_fn, variables, val: pipeline.ArrayDataset, batch_size: int) -> float:
@@ -118,9 +123,11 @@ def train_coarse(config, workdir: str | pathlib.Path, train_data: Optional[pipel
 
   if train_data is None:
     train_data = sources.to_arrays(sources.load_samples(config.data, 'train', config.data.tfds_dir), config.data)
-  train_data, val_data = split_train_val(train_data, config.data.num_val)
-  log.info('coarse training on %d images (%d validation), working size %s, %d device(s)',
-           len(train_data.ids), 0 if val_data is None else len(val_data.ids),
+  train_data, val_data = training_images(config, train_data)
+  fold = (f', fold {config.data.fold} of {config.data.num_folds} held out'
+          if config.data.num_folds else '')
+  log.info('coarse training on %d images (%d validation%s), working size %s, %d device(s)',
+           len(train_data.ids), 0 if val_data is None else len(val_data.ids), fold,
            train_data.images.shape[1:3], devices)
 
   model = coarse.create_model(config.model, norm_axis_name=steps.AXIS)
@@ -195,6 +202,7 @@ def export_run(config, workdir: str | pathlib.Path,
     path = coarse.export_params(
         workdir / 'params.msgpack', variables, config.model,
         {'dataset': config.data.name, 'steps_trained': step, 'exported_from': source,
+         'num_folds': config.data.num_folds, 'fold': config.data.fold,
          'image_size': list(sources.work_size(config.data)),
          'best_val_dice': None if ckpt.best.latest_step() is None else ckpt.best_score})
   finally:
