@@ -51,3 +51,31 @@ def tiny_config():
   config.eval.batch_size = 2
   return config
 
+
+
+def tiny_refiner_config():
+  """tiny_config() plus a refiner cut down to seconds: 32x32 tiles, 8x8x2 latents."""
+  config = tiny_config()
+  d = config.diffusion
+  d.latent_channels = 2
+  d.ae_widths = (4, 4, 4)
+  d.image_widths = (4, 4, 8)
+  d.token_grid = 2
+  d.widths = (8, 8, 16, 16)
+  d.num_res_blocks = 1
+  d.num_heads = 2
+  d.tile_size = 32
+  d.tile_overlap = 8
+  d.degrade_variants = 2
+  d.ae_steps = 4
+  d.ae_batch_size = 4
+  d.num_steps = 4
+  d.batch_size = 4
+  d.warmup_steps = 1
+  d.log_every = 2
+  d.checkpoint_every = 2
+  s = config.sample
+  s.steps = 3
+  s.ensemble = 2
+  s.tile_batch = 2
+  return config

@@ -6,7 +6,9 @@ Without --mode the whole job for the config runs (stats, train, evaluate,
 predict), skipping finished stages and resuming a partial training run.
 Modes: all, prepare, stats, train, export (params-only weights from the
 best or latest checkpoint), evaluate, predict, holdout (out-of-fold coarse
-maps of a k-fold run, for the refiner). Override config fields
+maps of a k-fold run, for the refiner), train_autoencoder, train_refiner,
+evaluate_refined (coarse vs refined, paired, with uncertainty AUROC) and
+uncertainty (refined maps + variance pictures for --input photos). Override config fields
 with e.g. --config.train.num_steps=500 or --config.data.root=/data/retina.
 """
 
@@ -21,9 +23,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (default ~/vesseljax_runs/<dataset>).')
 _MODE = flags.DEFINE_enum('mode', 'all', ['all', 'prepare', 'stats', 'train', 'export', 'evaluate', 'predict',
-                                           'holdout'],
+                                           'holdout', 'train_autoencoder', 'train_refiner',
+                                           'evaluate_refined', 'uncertainty'],
                           'What to run.')
-_INPUT = flags.DEFINE_string('input', None, 'predict: a photo or a folder of photos.')
+_INPUT = flags.DEFINE_string('input', None, 'predict, uncertainty: a photo or a folder of photos.')
 _OUTPUT = flags.DEFINE_string('output', None, 'predict: output folder (default <workdir>/predictions).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'evaluate, holdout: replace existing result files.')
 
@@ -58,9 +61,10 @@ def main(argv):
   from vesseljax.data.sample import DataError  # pylint: disable=g-import-not-at-top
   from vesseljax.train.coarse import CheckpointError  # pylint: disable=g-import-not-at-top
   from vesseljax.train.loops import TrainingError  # pylint: disable=g-import-not-at-top
+  from vesseljax.refine import SamplingError  # pylint: disable=g-import-not-at-top
   try:
     _dispatch(config, workdir, command)
-  except (DataError, CheckpointError, TrainingError, FileExistsError) as e:
+  except (DataError, CheckpointError, TrainingError, SamplingError, FileExistsError) as e:
     # These carry messages naming the file and the problem: show them, not a traceback.
     logging.getLogger('vesseljax').error('%s: %s', type(e).__name__, e)
     sys.exit(2)
@@ -83,6 +87,17 @@ def _dispatch(config, workdir: pathlib.Path, command: str) -> None:
     stages.evaluate(config, workdir, command, overwrite=_OVERWRITE.value)
   elif mode == 'holdout':
     stages.holdout(config, workdir, overwrite=_OVERWRITE.value)
+  elif mode == 'train_autoencoder':
+    stages.train_autoencoder(config, workdir)
+  elif mode == 'train_refiner':
+    stages.train_refiner(config, workdir)
+  elif mode == 'evaluate_refined':
+    stages.evaluate_refined(config, workdir, command, overwrite=_OVERWRITE.value)
+  elif mode == 'uncertainty':
+    if not _INPUT.value:
+      raise app.UsageError('--mode=uncertainty needs --input=FILE_OR_DIR')
+    if stages.uncertainty(config, workdir, _INPUT.value, _OUTPUT.value):
+      sys.exit(1)
   elif mode == 'predict':
     if not _INPUT.value:
       raise app.UsageError('--mode=predict needs --input=FILE_OR_DIR')

@@ -63,11 +63,19 @@ def create_model(model_config, norm_axis_name: Optional[str] = None,
 
 def export_params(path: str | pathlib.Path, variables: dict, model_config, meta: dict) -> pathlib.Path:
   """Writes params + batch_stats (`<path>`, msgpack) and `<path>.json` (spec, hash, meta)."""
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  return write_params(path, variables, model_spec(model_config), meta)
+
+
+def write_params(path: str | pathlib.Path, variables: dict, spec: dict, meta: dict) -> pathlib.Path:
+  """Writes any variables tree (`<path>`, msgpack) and `<path>.json` ({'model': spec, 'model_hash', **meta}).
+
+  The msgpack goes through a temporary file, so an interrupted write never
+  leaves a truncated checkpoint under the final name.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  variables = jax.device_get({'params': variables['params'],
-                              'batch_stats': variables.get('batch_stats', {})})
-  spec = model_spec(model_config)
+  variables = jax.device_get(variables)
   tmp = path.with_suffix(path.suffix + '.tmp')
   tmp.write_bytes(flax.serialization.msgpack_serialize(variables))
   tmp.replace(path)
@@ -102,10 +110,15 @@ def load_params(path: str | pathlib.Path) -> tuple[dict, dict]:
   return sidecar, variables
 
 
-def check_variables(variables: dict, model: lunet.LUNet, input_channels: int, source: str) -> None:
-  """Raises CheckpointError naming `source` when the tree or shapes differ from `model`'s."""
-  expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, input_channels)),
-                                               train=False))
+def check_variables(variables: dict, model: Optional[lunet.LUNet], input_channels: int, source: str,
+                    expected: Optional[dict] = None) -> None:
+  """Raises CheckpointError naming `source` when the tree or shapes differ from `model`'s.
+
+  `expected` (a tree of shapes, e.g. from jax.eval_shape) replaces `model` for other networks.
+  """
+  if expected is None:
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, input_channels)),
+                                                 train=False))
   exp = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(expected)}
   got = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(variables)}
   missing = sorted(set(exp) - set(got))

@@ -1,0 +1,283 @@
+"""Refiner data, train steps, loops, inference and stages, on tiny models."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import tiny_refiner_config
+from vesseljax import refine, stages
+from vesseljax.data import degrade, pipeline, preprocess, refine_data, sources
+from vesseljax.data.sample import DataError
+from vesseljax.diffusion import schedule as schedule_lib
+from vesseljax.evaluate import metrics
+from vesseljax.train import coarse, loops, refiner, refiner_loops
+
+
+def _samples(config, split='train'):
+  return sources.load_samples(config.data, split)
+
+
+# ---------------------------------------------------------------- data
+
+def test_degrade_is_an_imperfect_soft_copy_inside_the_fov():
+  config = tiny_refiner_config()
+  s = _samples(config)[0]
+  rng = np.random.default_rng(0)
+  prob, ra = degrade.degrade(s.label, s.fov, rng)
+  assert prob.shape == ra.shape == s.label.shape and prob.dtype == np.float32
+  assert 0 <= prob.min() and prob.max() <= 1 and 0 <= ra.min() and ra.max() <= 1
+  assert np.all(prob[~s.fov] == 0)
+  dice = metrics.image_metrics(prob, s.label, s.fov, 0.5)['dice']
+  assert 0.3 < dice < 0.99  # related to the label, but not the label
+  again, _ = degrade.degrade(s.label, s.fov, np.random.default_rng(0))
+  np.testing.assert_array_equal(prob, again)
+  other, _ = degrade.degrade(s.label, s.fov, np.random.default_rng(1))
+  assert not np.array_equal(prob, other)
+
+
+def test_refiner_dataset_from_degradation_packs_rgb_coarse_and_ra():
+  config = tiny_refiner_config()
+  samples = _samples(config)
+  data = refine_data.refiner_dataset(config, samples)
+  assert data.images.shape == (2 * len(samples), 64, 64, 5)
+  assert data.ids[:2] == [f'{samples[0].id}#0', f'{samples[0].id}#1']
+  np.testing.assert_allclose(data.images[0, ..., :3], preprocess.preprocess_rgb(samples[0].image, (64, 64)))
+  base = sources.to_arrays(samples, config.data)
+  np.testing.assert_array_equal(data.labels[::2], base.labels)
+  np.testing.assert_array_equal(data.fovs[1::2], base.fovs)
+
+
+def _write_holdout(path, ids, size, value):
+  n = len(ids)
+  np.savez_compressed(path, ids=np.array(ids), prob=np.full((n,) + size, value, np.uint8),
+                      ra_map=np.full((n,) + size, 255 - value, np.uint8), fov=np.ones((n,) + size, bool))
+
+
+def test_refiner_dataset_from_out_of_fold_maps(tmp_path):
+  config = tiny_refiner_config()
+  samples = _samples(config)
+  ids = [s.id for s in samples]
+  _write_holdout(tmp_path / 'a.npz', ids[:3], (64, 64), 51)
+  _write_holdout(tmp_path / 'b.npz', ids[3:], (64, 64), 102)
+  config.diffusion.coarse_source = 'oof'
+  config.diffusion.coarse_maps = (str(tmp_path / 'a.npz'), str(tmp_path / 'b.npz'))
+  data = refine_data.refiner_dataset(config, samples)
+  assert data.ids == ids
+  np.testing.assert_allclose(data.images[0, ..., refine_data.COARSE], 0.2, atol=1e-6)
+  np.testing.assert_allclose(data.images[-1, ..., refine_data.RA], 153 / 255, atol=1e-6)
+  config.diffusion.coarse_maps = (str(tmp_path / 'a.npz'),)
+  with pytest.raises(DataError, match='miss 2 training image'):
+    refine_data.refiner_dataset(config, samples)
+  config.diffusion.coarse_maps = (str(tmp_path / 'a.npz'), str(tmp_path / 'a.npz'))
+  with pytest.raises(DataError, match='another holdout file'):
+    refine_data.refiner_dataset(config, samples)
+  config.diffusion.coarse_maps = (str(tmp_path / 'missing.npz'),)
+  with pytest.raises(DataError, match='missing.npz: out-of-fold coarse maps not found'):
+    refine_data.refiner_dataset(config, samples)
+
+
+# ---------------------------------------------------------------- steps
+
+def _tiny_models(config):
+  d = config.diffusion
+  spec = refiner.refiner_spec(d)
+  return {'autoencoder': refiner.create_autoencoder(refiner.autoencoder_spec(d)),
+          'image_encoder': refiner.create_image_encoder(spec), 'denoiser': refiner.create_denoiser(spec)}
+
+
+def _perturb(params, key, scale=0.05):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize('mask_losses', [False, True])
+def test_refiner_step_on_4_devices_equals_1_device(mask_losses):
+  config = tiny_refiner_config()
+  d = config.diffusion
+  if not mask_losses:
+    d.dice_weight = d.edge_weight = 0.0
+  # 64-pixel tiles: with 32 the deepest level is 1x1 and its GroupNorm (2 values
+  # per group) amplifies float32 summation noise in the backward pass ~1000x.
+  d.tile_size = tile = 64
+  models = _tiny_models(config)
+  ae_params = models['autoencoder'].init(jax.random.key(1), jnp.zeros((1, tile, tile, 1)))['params']
+  # Zero-initialised output layers would make many gradients exactly zero: perturb.
+  params = _perturb(refiner_loops.init_refiner_params(models, jax.random.key(2), tile, d.latent_channels),
+                    jax.random.key(3))
+  # Plain SGD: the update is proportional to the gradient (Adam's first step is
+  # ~lr * sign(g), which turns float noise in near-zero gradients into lr-sized differences).
+  tx = optax.sgd(0.1)
+  state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
+  data = refine_data.refiner_dataset(config, _samples(config))
+  batch = pipeline.PatchSampler(data, seed=0, batch_size=4, patch_size=tile).batch(0)
+  schedule = schedule_lib.cosine_schedule(1000)
+  key = jax.random.key(5)
+  results = []
+  for n in (1, 4):
+    step = refiner.make_refiner_step(config, models, schedule, 1.3, loops.make_augment_fn(config),
+                                     devices=jax.local_devices()[:n])
+    results.append(step(state, pipeline.shard(batch, n), key, ae_params))
+  (s1, m1), (s4, m4) = results
+  assert np.isfinite(float(m1['loss']))
+  # The forward pass (same data, augmentation, t, noise and dropped conditions
+  # on every device layout) agrees to float32 rounding:
+  for k in ('loss', 'ddpm', 'dice_x0', 'edge'):
+    np.testing.assert_allclose(float(m1[k]), float(m4[k]), rtol=2e-6)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)  # SGD lr 0.1: gradients agree to 1e-5
+  for a, b in zip(jax.tree.leaves(s1.ema_params), jax.tree.leaves(s4.ema_params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  # The EMA moved towards the new params by (1 - decay).
+  p0, p1, e1 = (jax.tree.leaves(x)[0] for x in (state.params, s1.params, s1.ema_params))
+  np.testing.assert_allclose(e1, d.ema_decay * p0 + (1 - d.ema_decay) * p1, atol=1e-6)
+
+
+# ---------------------------------------------------------------- loops, inference, stages
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """Coarse model, autoencoder and refiner, each trained a few steps on synthetic images."""
+  workdir = tmp_path_factory.mktemp('refiner_run')
+  config = tiny_refiner_config()
+  loops.train_coarse(config, workdir)
+  refiner_loops.train_autoencoder(config, workdir)
+  refiner_loops.train_refiner(config, workdir)
+  return config, workdir
+
+
+def test_autoencoder_export_has_a_unit_variance_latent_scale(trained):
+  config, workdir = trained
+  sidecar, variables = refiner.load_checked(workdir / 'autoencoder.msgpack', 'mask_autoencoder')
+  assert sidecar['model'] == refiner.autoencoder_spec(config.diffusion)
+  ae = refiner.create_autoencoder(sidecar['model'])
+  data = refine_data.refiner_dataset(config, _samples(config))
+  labels = pipeline.PatchSampler(data, seed=1, batch_size=8, patch_size=32).batch(0)['label']
+  z = ae.apply(variables, jnp.asarray(labels)[..., None], method=ae.encode) * sidecar['latent_scale']
+  assert z.shape == (8, 8, 8, 2)
+  assert 0.5 < float(jnp.std(z)) < 2.0
+  assert json.loads((workdir / 'autoencoder_metrics.jsonl').read_text().splitlines()[-1])['step'] == 4
+
+
+def test_resume_matches_an_uninterrupted_run(trained, tmp_path):
+  config, workdir = trained
+  for d in ('a', 'b'):
+    (tmp_path / d).mkdir()
+    for name in ('autoencoder.msgpack', 'autoencoder.msgpack.json'):
+      shutil.copy(workdir / name, tmp_path / d / name)
+  refiner_loops.train_refiner(config, tmp_path / 'a')  # 4 steps straight
+  # 'b' stops after step 2 (simulated by copying a's step-2 checkpoint), then resumes.
+  shutil.copytree(tmp_path / 'a' / 'refiner_ckpt', tmp_path / 'b' / 'refiner_ckpt')
+  shutil.rmtree(tmp_path / 'b' / 'refiner_ckpt' / 'checkpoints' / '4')
+  refiner_loops.train_refiner(config, tmp_path / 'b')
+  _, a = coarse.load_params(tmp_path / 'a' / 'refiner.msgpack')
+  _, b = coarse.load_params(tmp_path / 'b' / 'refiner.msgpack')
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def _predictor(config, workdir, **sample):
+  for k, v in sample.items():
+    config.sample[k] = v
+  return stages.refined_predictor(config, workdir)
+
+
+def test_refined_predictor_maps_and_ensemble(trained):
+  config, workdir = trained
+  s = _samples(config, 'test')[0]
+  predictor = _predictor(config, workdir)
+  maps = predictor(s.image, name=s.id)
+  for k in ('prob', 'variance', 'coarse'):
+    assert maps[k].shape == s.label.shape
+  assert 0 <= maps['prob'].min() and maps['prob'].max() <= 1
+  assert maps['variance'].min() >= 0 and maps['variance'].max() > 0  # k=2 trajectories differ
+  again = predictor(s.image, name=s.id)
+  np.testing.assert_array_equal(maps['prob'], again['prob'])  # seeded
+  one = _predictor(config, workdir, ensemble=1)(s.image)
+  np.testing.assert_array_equal(one['variance'], 0.0)
+  coarse_start = _predictor(config, workdir, ensemble=2, start='coarse', strength=0.5)(s.image)
+  assert coarse_start['prob'].shape == s.label.shape
+
+
+def test_tiles_cover_the_image_and_blend_to_the_value_of_equal_tiles():
+  assert refine.tile_starts(64, 32, 8) == [0, 24, 32]
+  assert refine.tile_starts(20, 32, 8) == [0]
+  for length in (32, 57, 100, 256):
+    starts = refine.tile_starts(length, 32, 8)
+    covered = np.zeros(length, bool)
+    for s in starts:
+      covered[s:s + 32] = True
+    assert covered.all() and starts[-1] + 32 == max(length, 32)
+  w = refine.tile_window(32, 8)
+  assert w.shape == (32, 32) and w.min() > 0 and w.max() == 1 and np.allclose(w, w.T)
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('steps', 0, 'sample.steps'), ('steps', 1001, 'sample.steps'), ('guidance', -1.0, 'guidance'),
+    ('guidance', float('nan'), 'guidance'), ('eta', 1.5, 'eta'), ('start', 'middle', 'start'),
+    ('strength', 0.0, 'strength'), ('ensemble', 0, 'ensemble')])
+def test_bad_sampling_options_are_refused(field, value, match):
+  options = refine.SampleOptions(**{'start': 'coarse', field: value})
+  with pytest.raises(ValueError, match=match):
+    options.check(1000)
+
+
+def test_mismatched_checkpoints_are_refused(trained, tmp_path):
+  config, workdir = trained
+  for name in ('params.msgpack', 'autoencoder.msgpack', 'refiner.msgpack'):
+    shutil.copy(workdir / name, tmp_path / name)
+    shutil.copy(workdir / (name + '.json'), tmp_path / (name + '.json'))
+  # An autoencoder with another latent scale (e.g. retrained) must not pair with this refiner.
+  side = json.loads((tmp_path / 'autoencoder.msgpack.json').read_text())
+  side['latent_scale'] *= 2
+  (tmp_path / 'autoencoder.msgpack.json').write_text(json.dumps(side))
+  with pytest.raises(coarse.CheckpointError, match='refiner.msgpack: trained with autoencoder'):
+    stages.refined_predictor(config, tmp_path)
+  shutil.copy(workdir / 'autoencoder.msgpack.json', tmp_path / 'autoencoder.msgpack.json')
+  # A refiner trained on another coarse model's maps.
+  side = json.loads((tmp_path / 'refiner.msgpack.json').read_text())
+  side['coarse_hash'] = '0123456789abcdef'
+  (tmp_path / 'refiner.msgpack.json').write_text(json.dumps(side))
+  with pytest.raises(coarse.CheckpointError, match='coarse maps of model 0123456789abcdef'):
+    stages.refined_predictor(config, tmp_path)
+  # A coarse checkpoint given where the refiner should be.
+  shutil.copy(workdir / 'params.msgpack', tmp_path / 'refiner.msgpack')
+  shutil.copy(workdir / 'params.msgpack.json', tmp_path / 'refiner.msgpack.json')
+  with pytest.raises(coarse.CheckpointError, match='expected a refiner'):
+    stages.refined_predictor(config, tmp_path)
+
+
+def test_nan_during_sampling_names_the_image(trained):
+  config, workdir = trained
+  predictor = _predictor(config, workdir)
+  predictor.params = jax.tree.map(lambda x: x * jnp.nan, predictor.params)
+  s = _samples(config, 'test')[0]
+  with pytest.raises(refine.SamplingError, match=s.id):
+    predictor(s.image, name=s.id)
+
+
+def test_evaluate_refined_and_uncertainty_stages(trained, tmp_path):
+  config, workdir = trained
+  config.eval.max_images = 1
+  result = stages.evaluate_refined(config, workdir, command='pytest')
+  path = workdir / f'eval_refined_test_{stages.sampling_tag(config)}.json'
+  saved = json.loads(path.read_text())
+  assert len(saved['rows']) == 1 and 'uncertainty_auroc' in saved['rows'][0]
+  assert saved['meta']['coarse_rows'][0]['id'] == saved['rows'][0]['id']
+  assert 0 <= saved['rows'][0]['dice'] <= 1
+  assert result['meta']['wilcoxon_vs_coarse']['n'] == 1
+  with pytest.raises(FileExistsError):
+    stages.evaluate_refined(config, workdir)
+  # Uncertainty pictures for a photo folder, with one unreadable file skipped.
+  inputs = stages.write_test_inputs(config, tmp_path, limit=1)
+  (inputs / 'broken.png').write_bytes(b'not a png')
+  errors = stages.uncertainty(config, workdir, str(inputs), str(tmp_path / 'out'))
+  assert errors == 1
+  stem = sorted(p.stem for p in inputs.glob('*.png') if p.stem != 'broken')[0]
+  for suffix in ('prob', 'mask', 'overlay', 'variance', 'uncertain'):
+    assert (tmp_path / 'out' / f'{stem}_{suffix}.png').is_file()

@@ -1,0 +1,188 @@
+"""Photo in, refined vessel map and per-pixel uncertainty out.
+
+`RefinedPredictor` chains the coarse model and the latent-diffusion refiner:
+
+  photo -> coarse model (working size): probability p_c, reverse-attention map
+        -> square tiles of diffusion.tile_size (overlap diffusion.tile_overlap),
+           each packed as [RGB, p_c, ra] exactly as in training
+        -> per tile: E(p_c) and the image tokens condition a DDIM sampler
+           (diffusion.sampler: one lax.scan, guidance as one batched forward),
+           k trajectories vmapped over PRNG keys in one compiled call
+        -> decode each trajectory's z0 to probabilities; mean and variance over k
+        -> tiles blended with a tapered window -> back to native size.
+
+The refiner works on tiles because its cross-attention tokens are a fixed grid
+per tile: train and inference then see the same geometry at any image size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vesseljax import predict
+from vesseljax.data import preprocess, refine_data
+from vesseljax.diffusion import sampler, schedule as schedule_lib
+from vesseljax.train import coarse, refiner
+
+log = logging.getLogger('vesseljax')
+
+
+class SamplingError(RuntimeError):
+  """Sampling produced non-finite values (the message names the image)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+  """How to sample; `check()` validates every field against the schedule length."""
+  steps: int = 20
+  eta: float = 0.0
+  guidance: float = 1.0
+  start: str = 'noise'
+  strength: float = 0.5
+  ensemble: int = 5
+  seed: int = 0
+  tile_batch: int = 4
+
+  @classmethod
+  def from_config(cls, sample_config) -> 'SampleOptions':
+    return cls(**{f.name: sample_config[f.name] for f in dataclasses.fields(cls)})
+
+  def check(self, timesteps: int) -> None:
+    if not 1 <= self.steps <= timesteps:
+      raise ValueError(f'sample.steps={self.steps} must be in [1, {timesteps}]')
+    if not (math.isfinite(self.guidance) and self.guidance >= 0):
+      raise ValueError(f'sample.guidance={self.guidance} must be a finite number >= 0')
+    if not 0.0 <= self.eta <= 1.0:
+      raise ValueError(f'sample.eta={self.eta} must be in [0, 1]')
+    if self.start not in ('noise', 'coarse'):
+      raise ValueError(f"sample.start={self.start!r} must be 'noise' or 'coarse'")
+    if self.start == 'coarse' and not 0.0 < self.strength <= 1.0:
+      raise ValueError(f'sample.strength={self.strength} must be in (0, 1]')
+    if self.ensemble < 1 or self.tile_batch < 1:
+      raise ValueError(f'sample.ensemble={self.ensemble} and sample.tile_batch={self.tile_batch} must be >= 1')
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+  """Start offsets of tiles of `tile` covering [0, length) with at least `overlap` shared pixels."""
+  if length <= tile:
+    return [0]
+  stride = tile - overlap
+  starts = list(range(0, length - tile + 1, stride))
+  if starts[-1] != length - tile:
+    starts.append(length - tile)
+  return starts
+
+
+def tile_window(tile: int, overlap: int) -> np.ndarray:
+  """(tile, tile) blending weights, tapering linearly to 1/(overlap+1) at the borders."""
+  ramp = np.minimum(1.0, np.minimum(np.arange(1, tile + 1), np.arange(tile, 0, -1)) / (overlap + 1))
+  return np.outer(ramp, ramp).astype(np.float32)
+
+
+class RefinedPredictor:
+  """Coarse model + refiner: `predictor(rgb) -> dict` of native-size maps."""
+
+  def __init__(self, coarse_checkpoint, refiner_checkpoint, autoencoder_checkpoint, data_config,
+               options: SampleOptions, tile_overlap: int = 32, impl: str = 'auto'):
+    self.coarse = predict.CoarsePredictor(coarse_checkpoint, data_config, impl)
+    self.sidecar, ref_vars = refiner.load_checked(refiner_checkpoint, 'refiner')
+    ae_sidecar, ae_vars = refiner.load_checked(autoencoder_checkpoint, 'mask_autoencoder')
+    refiner.check_refiner_matches(self.sidecar, ae_sidecar, self.coarse.sidecar, str(refiner_checkpoint))
+    spec = self.sidecar['model']
+    options.check(spec['timesteps'])
+    self.options = options
+    self.tile, self.overlap = spec['tile_size'], int(tile_overlap)
+    self.models = {'autoencoder': refiner.create_autoencoder(ae_sidecar['model']),
+                   'image_encoder': refiner.create_image_encoder(spec),
+                   'denoiser': refiner.create_denoiser(spec)}
+    from vesseljax.train import refiner_loops  # pylint: disable=g-import-not-at-top
+    expected = jax.eval_shape(lambda: refiner_loops.init_refiner_params(
+        self.models, jax.random.key(0), self.tile, spec['latent_channels']))
+    coarse.check_variables({'params': ref_vars['params']}, None, 0, str(refiner_checkpoint),
+                           expected={'params': expected})
+    self.params = jax.tree.map(jnp.asarray, ref_vars['params'])
+    self.ae_params = jax.tree.map(jnp.asarray, ae_vars['params'])
+    self.scale = float(ae_sidecar['latent_scale'])
+    self.schedule = schedule_lib.cosine_schedule(spec['timesteps'])
+    self.use_image = bool(self.sidecar.get('use_image', True))
+    self.use_ra = bool(self.sidecar.get('use_ra', True))
+    self._sample = jax.jit(self._sample_tiles)
+
+  def _sample_tiles(self, params, ae_params, tiles, keys):
+    """(k, B, T, T) probabilities: k DDIM trajectories (vmapped) for B packed tiles (B, T, T, 5)."""
+    o = self.options
+    cond = refiner.conditioning(self.models, params, ae_params, self.scale, tiles, use_ra=self.use_ra)
+    force_drop = not self.use_image
+
+    def denoise_fn(z_t, t, c, drop_image):
+      return refiner.denoise(self.models, params, z_t, t, c, drop_image | force_drop)
+
+    eps_fn = sampler.guided_eps_fn(denoise_fn, float(o.guidance) if self.use_image else 0.0)
+
+    def one(key):
+      if o.start == 'noise':
+        z, start = jax.random.normal(key, cond['coarse_latent'].shape), None
+      else:
+        z, start = sampler.strength_start(self.schedule, cond['coarse_latent'], o.steps, o.strength, key)
+      z0 = sampler.ddim_sample(eps_fn, self.schedule, cond, z, o.steps, jax.random.fold_in(key, 1),
+                               eta=o.eta, start_index=start)
+      return refiner.decode_probs(self.models['autoencoder'], ae_params, z0, self.scale)
+
+    return sampler.sample_ensemble(one, keys)
+
+  def refine_work(self, rgb_work: np.ndarray, coarse_prob: np.ndarray, ra_map: np.ndarray,
+                  name: str = 'image') -> tuple[np.ndarray, np.ndarray]:
+    """(mean probability, variance), (H, W) float32, for working-size inputs.
+
+    Args:
+      rgb_work: (H, W, 3) float32 in [0, 1]; coarse_prob, ra_map: (H, W) in [0, 1].
+      name: names the image in a SamplingError.
+    """
+    h, w = coarse_prob.shape
+    t, o = self.tile, self.options
+    ph, pw = max(h, t), max(w, t)
+    packed = np.zeros((ph, pw, refine_data.NUM_CHANNELS), np.float32)
+    packed[:h, :w, refine_data.RGB] = rgb_work
+    packed[:h, :w, refine_data.COARSE] = coarse_prob
+    packed[:h, :w, refine_data.RA] = ra_map
+    overlap = self.overlap
+    corners = [(y, x) for y in tile_starts(ph, t, overlap) for x in tile_starts(pw, t, overlap)]
+    window = tile_window(t, overlap)
+    acc_mean = np.zeros((ph, pw), np.float32)
+    acc_var = np.zeros((ph, pw), np.float32)
+    acc_w = np.zeros((ph, pw), np.float32)
+    keys = jax.random.split(jax.random.key(o.seed), o.ensemble)
+    for first in range(0, len(corners), o.tile_batch):
+      group = corners[first:first + o.tile_batch]
+      tiles = np.stack([packed[y:y + t, x:x + t] for y, x in group]
+                       + [np.zeros((t, t, refine_data.NUM_CHANNELS), np.float32)] * (o.tile_batch - len(group)))
+      probs = np.asarray(self._sample(self.params, self.ae_params, jnp.asarray(tiles), keys))
+      if not np.all(np.isfinite(probs[:, :len(group)])):
+        raise SamplingError(f'{name}: non-finite values while sampling tiles at {group}')
+      mean, var = probs.mean(axis=0), probs.var(axis=0)
+      for j, (y, x) in enumerate(group):
+        acc_mean[y:y + t, x:x + t] += window * mean[j]
+        acc_var[y:y + t, x:x + t] += window * var[j]
+        acc_w[y:y + t, x:x + t] += window
+    return (acc_mean / acc_w)[:h, :w], (acc_var / acc_w)[:h, :w]
+
+  def __call__(self, rgb: np.ndarray, name: str = 'image') -> dict[str, np.ndarray]:
+    """Native-size maps for an RGB photo: 'prob' (refined mean), 'variance', 'coarse'."""
+    work = self.coarse.preprocess(rgb)[None]
+    outputs = self.coarse.outputs(work)
+    coarse_prob = np.asarray(jax.nn.sigmoid(outputs['logits'][0, ..., 0]))
+    ra = np.asarray(outputs['ra_map'][0, ..., 0])
+    rgb_work = preprocess.preprocess_rgb(rgb, self.coarse.work_size)
+    mean, var = self.refine_work(rgb_work, coarse_prob, ra, name)
+    native = rgb.shape[:2]
+    return {'prob': preprocess.to_native(mean, native),
+            'variance': np.maximum(preprocess.resize(var, native), 0.0),
+            'coarse': preprocess.to_native(coarse_prob, native)}

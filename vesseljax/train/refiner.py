@@ -1,0 +1,247 @@
+"""Where the refiner's models meet configs, checkpoints and the train steps.
+
+Three networks (`models/`): the mask autoencoder (trained first, then frozen),
+the image encoder and the denoiser (trained together; their params live in one
+tree {'image_encoder': ..., 'denoiser': ...}). This module builds them from
+`config.diffusion`, writes and checks their params-only checkpoints, and holds
+the two pure train steps, pmapped over `steps.AXIS` like the coarse model's:
+
+  autoencoder_step  masks (labels and coarse maps) -> L2 + Dice reconstruction
+  refiner_step      z0 = s * E(label), z_t = q_sample(z0, t, eps);
+                    L = ||eps - eps_hat||^2 + abar_t * (dice_weight * Dice(D(x0_hat / s), label)
+                        + edge_weight * Edge(D(x0_hat / s), label)),  x0_hat clipped to +-5
+                    with E, D the frozen autoencoder, s its latent scale, the
+                    image condition dropped to the learned null with
+                    probability cfg_drop_prob, and an EMA of the params.
+
+Checkpoint compatibility: the autoencoder's sidecar holds its spec hash and the
+latent scale; the refiner's sidecar holds its own spec hash and the hashes of
+the autoencoder and the coarse model it was trained with, so that loading a
+refiner beside another autoencoder or coarse model fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vesseljax.data import refine_data
+from vesseljax.diffusion import schedule as schedule_lib
+from vesseljax.models import autoencoder, denoiser, image_encoder
+from vesseljax.train import coarse, losses, steps
+from vesseljax.train.state import TrainState
+
+AXIS = steps.AXIS
+LATENT_DOWNSAMPLE = 4  # the autoencoder's factor per side
+X0_CLIP = 5.0  # |x0 estimate| bound, in units of the unit-variance latents
+
+
+class EMATrainState(TrainState):
+  """TrainState plus an exponential moving average of the params (used for sampling)."""
+  ema_params: Any = None
+
+
+# ---------------------------------------------------------------- models, specs
+
+def autoencoder_spec(dcfg) -> dict:
+  return {'kind': 'mask_autoencoder', 'latent_channels': int(dcfg.latent_channels),
+          'widths': [int(w) for w in dcfg.ae_widths]}
+
+
+def refiner_spec(dcfg) -> dict:
+  return {'kind': 'refiner', 'latent_channels': int(dcfg.latent_channels),
+          'image_widths': [int(w) for w in dcfg.image_widths], 'token_grid': int(dcfg.token_grid),
+          'widths': [int(w) for w in dcfg.widths], 'num_res_blocks': int(dcfg.num_res_blocks),
+          'num_heads': int(dcfg.num_heads), 'attention_levels': [int(x) for x in dcfg.attention_levels],
+          'timesteps': int(dcfg.timesteps),
+          'tile_size': int(dcfg.tile_size)}
+
+
+def create_autoencoder(spec: dict) -> autoencoder.MaskAutoencoder:
+  return autoencoder.MaskAutoencoder(latent_channels=spec['latent_channels'], widths=tuple(spec['widths']))
+
+
+def create_image_encoder(spec: dict) -> image_encoder.ImageEncoder:
+  return image_encoder.ImageEncoder(widths=tuple(spec['image_widths']), token_grid=spec['token_grid'])
+
+
+def create_denoiser(spec: dict) -> denoiser.Denoiser:
+  return denoiser.Denoiser(widths=tuple(spec['widths']), num_res_blocks=spec['num_res_blocks'],
+                           num_heads=spec['num_heads'], attention_levels=tuple(spec['attention_levels']))
+
+
+def load_checked(path: str | pathlib.Path, kind: str) -> tuple[dict, dict]:
+  """(sidecar, variables) of an exported autoencoder/refiner, with its kind checked."""
+  sidecar, variables = coarse.load_params(path)
+  if sidecar['model'].get('kind') != kind:
+    raise coarse.CheckpointError(f'{path}: a {sidecar["model"].get("kind") or "coarse model"} '
+                                 f'checkpoint, expected a {kind}')
+  return sidecar, variables
+
+
+def check_refiner_matches(refiner_sidecar: dict, ae_sidecar: dict, coarse_sidecar: Optional[dict],
+                          source: str) -> None:
+  """Raises CheckpointError (naming `source`) when the refiner was trained with other models."""
+  if refiner_sidecar.get('autoencoder_hash') != ae_sidecar.get('model_hash') or (
+      abs(refiner_sidecar.get('latent_scale', 0.0) - ae_sidecar.get('latent_scale', 1.0)) > 1e-6):
+    raise coarse.CheckpointError(
+        f'{source}: trained with autoencoder {refiner_sidecar.get("autoencoder_hash")} '
+        f'(latent scale {refiner_sidecar.get("latent_scale")}), given {ae_sidecar.get("model_hash")} '
+        f'(latent scale {ae_sidecar.get("latent_scale")})')
+  want = refiner_sidecar.get('coarse_hash')
+  if coarse_sidecar is not None and want is not None and want != coarse_sidecar.get('model_hash'):
+    raise coarse.CheckpointError(f'{source}: trained on the coarse maps of model {want}, '
+                                 f'given coarse model {coarse_sidecar.get("model_hash")}')
+
+
+# ---------------------------------------------------------------- conditioning
+
+def latent_grid(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, H/4, W/4, C) by 4x4 average pooling (maps onto the latent grid)."""
+  return nn.avg_pool(x, (LATENT_DOWNSAMPLE, LATENT_DOWNSAMPLE), strides=(LATENT_DOWNSAMPLE, LATENT_DOWNSAMPLE))
+
+
+def encode_masks(ae: nn.Module, ae_params: dict, masks: jax.Array, latent_scale: float) -> jax.Array:
+  """(B, H, W) masks in [0, 1] -> scaled latents (B, H/4, W/4, C)."""
+  return ae.apply({'params': ae_params}, masks[..., None], method=ae.encode) * latent_scale
+
+
+def decode_probs(ae: nn.Module, ae_params: dict, z: jax.Array, latent_scale: float) -> jax.Array:
+  """Scaled latents (B, h, w, C) -> vessel probabilities (B, 4h, 4w)."""
+  return jax.nn.sigmoid(ae.apply({'params': ae_params}, z / latent_scale, method=ae.decode)[..., 0])
+
+
+def conditioning(models: dict, params: dict, ae_params: dict, latent_scale: float,
+                 image: jax.Array, *, use_ra: bool) -> dict:
+  """The denoiser's condition for packed tiles (B, T, T, 5) (see data/refine_data.py).
+
+  Returns:
+    {'coarse_latent' (B, T/4, T/4, C), 'ra_map' (B, T/4, T/4, 1) (zeros when
+    not use_ra), 'tokens' (B, N, D), 'pooled' (B, D)}.
+  """
+  coarse_latent = encode_masks(models['autoencoder'], ae_params, image[..., refine_data.COARSE], latent_scale)
+  ra = latent_grid(image[..., refine_data.RA:refine_data.RA + 1])
+  if not use_ra:
+    ra = jnp.zeros_like(ra)
+  tokens, pooled = models['image_encoder'].apply({'params': params['image_encoder']},
+                                                 image[..., refine_data.RGB])
+  return {'coarse_latent': jax.lax.stop_gradient(coarse_latent), 'ra_map': ra, 'tokens': tokens,
+          'pooled': pooled}
+
+
+def denoise(models: dict, params: dict, z_t: jax.Array, t: jax.Array, cond: dict,
+            drop_image: jax.Array) -> jax.Array:
+  """eps_hat (B, h, w, C): the sampler's `denoise_fn` once params are bound."""
+  return models['denoiser'].apply({'params': params['denoiser']}, z_t, t, cond['coarse_latent'],
+                                  cond['ra_map'], cond['tokens'], cond['pooled'], drop_image)
+
+
+# ---------------------------------------------------------------- steps
+
+def _augment(batch: dict, key: jax.Array, step: jax.Array, augment_fn: Optional[Callable]):
+  image, label, fov = batch['image'], batch['label'], batch['fov']
+  if augment_fn is not None:
+    keys = steps._per_example_keys(key, step, image.shape[0])  # pylint: disable=protected-access
+    image, label, fov = jax.vmap(augment_fn)(keys, image, label, fov)
+  return image, label, fov
+
+
+def autoencoder_loss(ae: nn.Module, params: dict, masks: jax.Array) -> tuple[jax.Array, dict]:
+  """Per-example L2 + (1 - soft Dice) of the reconstruction of (B, H, W) masks in [0, 1]."""
+  prob = jax.nn.sigmoid(ae.apply({'params': params}, masks[..., None])[..., 0])
+  ones = jnp.ones_like(masks)
+  l2 = jnp.mean((prob - masks) ** 2, axis=(1, 2))
+  dice = losses.soft_dice_loss(prob, masks, ones)
+  return l2 + dice, {'l2': l2, 'dice_soft': 1.0 - dice}
+
+
+def autoencoder_step(state: TrainState, batch: dict, key: jax.Array, *, ae: nn.Module,
+                     augment_fn: Optional[Callable]) -> tuple[TrainState, dict]:
+  """One step on labels and coarse maps of packed tiles (call under pmap over AXIS)."""
+  image, label, _ = _augment(batch, key, state.step, augment_fn)
+  masks = jnp.concatenate([label, image[..., refine_data.COARSE]], axis=0)
+
+  def loss_fn(params):
+    per_example, parts = autoencoder_loss(ae, params, masks)
+    return jnp.mean(per_example), parts
+
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  metrics = {'loss': loss, **{k: jnp.mean(v) for k, v in parts.items()}}
+  return state.apply_gradients(grads=grads), jax.lax.pmean(metrics, AXIS)
+
+
+def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: dict, *,
+                 models: dict, schedule: schedule_lib.Schedule, latent_scale: float,
+                 augment_fn: Optional[Callable], use_image: bool, use_ra: bool, cfg_drop_prob: float,
+                 dice_weight: float, edge_weight: float, ema_decay: float) -> tuple[EMATrainState, dict]:
+  """One denoiser + image-encoder step (call under pmap over AXIS); see the module docstring.
+
+  Args:
+    state: unreplicated; params {'image_encoder', 'denoiser'}.
+    batch: 'image' (b, T, T, 5) packed tiles, 'label', 'fov' (b, T, T) float32.
+    key: the run's key, folded with step and global example index.
+    ae_params: the frozen autoencoder's params.
+  """
+  image, label, fov = _augment(batch, key, state.step, augment_fn)
+  b = image.shape[0]
+  keys = steps._per_example_keys(jax.random.fold_in(key, 1), state.step, b)  # pylint: disable=protected-access
+  t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, schedule.num_steps))(keys)
+  drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), cfg_drop_prob))(keys)
+  if not use_image:
+    drop = jnp.ones_like(drop)
+  z0 = jax.lax.stop_gradient(encode_masks(models['autoencoder'], ae_params, label, latent_scale))
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), z0.shape[1:]))(keys)
+  z_t = schedule_lib.q_sample(schedule, z0, t, noise)
+
+  def loss_fn(params):
+    cond = conditioning(models, params, ae_params, latent_scale, image, use_ra=use_ra)
+    eps = denoise(models, params, z_t, t, cond, drop)
+    ddpm = jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
+    # x0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies eps errors by up to
+    # 1 / sqrt(abar_999) ~ 2e4: clip it to the latents' range and weight the
+    # mask losses on it by abar_t (its signal fraction), so the noisiest steps
+    # do not dominate them (see BUILD_NOTES.md).
+    x0 = jnp.clip(schedule_lib.predict_x0(schedule, z_t, t, eps), -X0_CLIP, X0_CLIP)
+    prob = decode_probs(models['autoencoder'], ae_params, x0, latent_scale)
+    abar = schedule.alphas_cumprod[t]
+    dice = losses.soft_dice_loss(prob, label, fov)
+    edge = losses.edge_loss(prob, label, fov)
+    total = ddpm + abar * (dice_weight * dice + edge_weight * edge)
+    return jnp.mean(total), {'ddpm': ddpm, 'dice_x0': 1.0 - dice, 'edge': edge}
+
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  new_state = state.apply_gradients(grads=grads)
+  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, new_state.params)
+  metrics = {'loss': loss, **{k: jnp.mean(v) for k, v in parts.items()},
+             'grad_norm': optax.tree.norm(grads)}
+  return new_state.replace(ema_params=ema), jax.lax.pmean(metrics, AXIS)
+
+
+def pmap_step(step_fn: Callable, devices=None, num_unmapped_extra: int = 0) -> Callable:
+  """pmaps `(state, sharded_batch, key, *extra)` with the state, key and extras unreplicated."""
+  in_axes = (None, 0, None) + (None,) * num_unmapped_extra
+  return jax.pmap(step_fn, axis_name=AXIS, in_axes=in_axes, out_axes=(None, None), devices=devices)
+
+
+def make_refiner_step(config, models: dict, schedule: schedule_lib.Schedule, latent_scale: float,
+                      augment_fn: Optional[Callable], devices=None) -> Callable:
+  """Pmapped `(state, sharded_batch, key, ae_params) -> (state, metrics)` from config.diffusion."""
+  d = config.diffusion
+  fn = functools.partial(
+      refiner_step, models=models, schedule=schedule, latent_scale=float(latent_scale),
+      augment_fn=augment_fn, use_image=bool(d.use_image), use_ra=bool(d.use_ra),
+      cfg_drop_prob=float(d.cfg_drop_prob), dice_weight=float(d.dice_weight),
+      edge_weight=float(d.edge_weight), ema_decay=float(d.ema_decay))
+  return pmap_step(fn, devices, num_unmapped_extra=1)
+
+
+def make_autoencoder_step(ae: nn.Module, augment_fn: Optional[Callable], devices=None) -> Callable:
+  return pmap_step(functools.partial(autoencoder_step, ae=ae, augment_fn=augment_fn), devices)

@@ -1,0 +1,185 @@
+"""Training loops of the refiner: the mask autoencoder, then the denoiser.
+
+  train_autoencoder(config, workdir) -> <workdir>/autoencoder.msgpack (+ latent scale)
+  train_refiner(config, workdir)     -> <workdir>/refiner.msgpack (EMA params)
+
+Both resume from their Orbax checkpoints (`<workdir>/autoencoder_ckpt`,
+`<workdir>/refiner_ckpt`) with the same data stream (batches are a function of
+(seed, step)), stop on a non-finite loss keeping the last good checkpoint, and
+train on tiles of `diffusion.tile_size` from `data.refine_data.refiner_dataset`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vesseljax.data import pipeline, refine_data, sources
+from vesseljax.diffusion import schedule as schedule_lib
+from vesseljax.train import coarse, loops, refiner, state as state_lib
+
+log = logging.getLogger('vesseljax')
+
+
+def training_tiles(config, data: Optional[pipeline.ArrayDataset] = None) -> pipeline.ArrayDataset:
+  """The refiner's packed training images (see refine_data), loaded from config if not given."""
+  if data is not None:
+    return data
+  samples = sources.load_samples(config.data, 'train', config.data.tfds_dir)
+  if config.data.num_folds:
+    raise ValueError('the refiner trains on the whole training split: unset data.num_folds')
+  return refine_data.refiner_dataset(config, samples)
+
+
+def _sampler(config, data, batch_size: int) -> pipeline.PatchSampler:
+  return pipeline.PatchSampler(data, seed=config.seed + 7, batch_size=batch_size,
+                               patch_size=config.diffusion.tile_size,
+                               fov_min_fraction=config.train.fov_patch_min)
+
+
+def _run(step_fn: Callable, state, sampler, ckpt: state_lib.Checkpoints, progress: loops.Progress,
+         num_steps: int, log_every: int, checkpoint_every: int, key: jax.Array, *extra):
+  """The shared loop: step, NaN check, log, checkpoint; returns the final state."""
+  devices = jax.local_device_count()
+  history = []
+  try:
+    for step in range(int(state.step), num_steps):
+      batch = pipeline.shard(sampler.batch(step), devices)
+      new_state, metrics = step_fn(state, batch, key, *extra)
+      loss = float(metrics['loss'])
+      if not np.isfinite(loss):
+        raise loops.TrainingError(
+            f'non-finite {progress.what} loss ({loss}) at step {step}; stopped without saving it. '
+            f'The last good checkpoint is step {ckpt.latest_step()} in {ckpt.latest.directory}.')
+      state = new_state
+      history.append(metrics)
+      done = step + 1
+      if done % log_every == 0 or done == num_steps:
+        progress.write(done, jax.tree.map(lambda *x: np.mean(x), *history))
+        history = []
+      if done % checkpoint_every == 0 or done == num_steps:
+        ckpt.save(state)
+  finally:
+    ckpt.wait()
+  return state
+
+
+def _check_batch(batch_size: int) -> None:
+  if batch_size % jax.local_device_count():
+    raise ValueError(f'batch size {batch_size} is not divisible by the {jax.local_device_count()} local devices')
+
+
+def autoencoder_path(config, workdir: pathlib.Path) -> pathlib.Path:
+  d = config.diffusion
+  return pathlib.Path(d.autoencoder_checkpoint) if d.autoencoder_checkpoint else workdir / 'autoencoder.msgpack'
+
+
+def latent_scale_of(ae, params: dict, labels: np.ndarray) -> float:
+  """1 / std of the latents of (N, T, T) label tiles: scaled latents have unit variance."""
+  z = jax.jit(lambda p, m: ae.apply({'params': p}, m[..., None], method=ae.encode))(params, jnp.asarray(labels))
+  return float(1.0 / max(float(jnp.std(z)), 1e-6))
+
+
+def train_autoencoder(config, workdir: str | pathlib.Path,
+                      data: Optional[pipeline.ArrayDataset] = None) -> pathlib.Path:
+  """Trains (or resumes) the mask autoencoder; exports it with its latent scale."""
+  workdir = pathlib.Path(workdir)
+  d = config.diffusion
+  _check_batch(d.ae_batch_size)
+  data = training_tiles(config, data)
+  spec = refiner.autoencoder_spec(d)
+  ae = refiner.create_autoencoder(spec)
+  tile = d.tile_size
+  params = jax.jit(ae.init)(jax.random.key(config.seed + 3), jnp.zeros((1, tile, tile, 1)))['params']
+  tx = state_lib.make_optimizer(d.ae_learning_rate, d.ae_steps, min(d.warmup_steps, d.ae_steps // 4),
+                                0.0, config.train.grad_clip)
+  state = state_lib.TrainState.create(apply_fn=ae.apply, params=params, batch_stats={}, tx=tx)
+  ckpt = state_lib.Checkpoints(workdir / 'autoencoder_ckpt', keep=config.train.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(jax.tree.map(np.asarray, state))
+    log.info('autoencoder: resumed at step %d', int(state.step))
+  log.info('autoencoder (C=%d, %d params) on %d images, %dx%d tiles', d.latent_channels,
+           sum(x.size for x in jax.tree.leaves(state.params)), len(data), tile, tile)
+  sampler = _sampler(config, data, d.ae_batch_size)
+  step_fn = refiner.make_autoencoder_step(ae, loops.make_augment_fn(config))
+  progress = loops.Progress(workdir, d.ae_steps, int(state.step), 'autoencoder')
+  state = _run(step_fn, state, sampler, ckpt, progress, d.ae_steps, d.log_every, d.checkpoint_every,
+               jax.random.fold_in(jax.random.key(config.seed), 11))
+  ckpt.close()
+  probe = sampler.batch(10**6)  # a fixed set of tiles, not a training batch
+  scale = latent_scale_of(ae, state.params, probe['label'])
+  recon = jax.jit(lambda p, m: refiner.autoencoder_loss(ae, p, m)[1])(state.params, jnp.asarray(probe['label']))
+  path = coarse.write_params(autoencoder_path(config, workdir), {'params': state.params}, spec, {
+      'latent_scale': scale, 'steps_trained': int(state.step), 'dataset': config.data.name,
+      'train_tile_recon_dice': float(jnp.mean(recon['dice_soft']))})
+  log.info('exported %s (latent scale %.4f, train-tile soft Dice %.4f)', path, scale,
+           float(jnp.mean(recon['dice_soft'])))
+  return path
+
+
+def init_refiner_params(models: dict, key: jax.Array, tile: int, latent_channels: int) -> dict:
+  """{'image_encoder', 'denoiser'} params for tiles of `tile` pixels."""
+  k1, k2 = jax.random.split(key)
+  enc_params = jax.jit(models['image_encoder'].init)(k1, jnp.zeros((1, tile, tile, 3)))['params']
+  tokens, pooled = models['image_encoder'].apply({'params': enc_params}, jnp.zeros((1, tile, tile, 3)))
+  h = tile // refiner.LATENT_DOWNSAMPLE
+  z = jnp.zeros((1, h, h, latent_channels))
+  den_params = jax.jit(models['denoiser'].init)(
+      k2, z, jnp.zeros((1,), jnp.int32), z, jnp.zeros((1, h, h, 1)), tokens, pooled,
+      jnp.zeros((1,), bool))['params']
+  return {'image_encoder': enc_params, 'denoiser': den_params}
+
+
+def load_models(config, workdir: pathlib.Path) -> tuple[dict, dict, dict]:
+  """(models, autoencoder params, autoencoder sidecar) for config.diffusion, checked against the config."""
+  d = config.diffusion
+  ae_path = autoencoder_path(config, workdir)
+  ae_sidecar, ae_vars = refiner.load_checked(ae_path, 'mask_autoencoder')
+  if ae_sidecar['model'] != refiner.autoencoder_spec(d):
+    raise coarse.CheckpointError(f'{ae_path}: autoencoder {ae_sidecar["model"]} does not match '
+                                 f'config.diffusion {refiner.autoencoder_spec(d)}')
+  spec = refiner.refiner_spec(d)
+  models = {'autoencoder': refiner.create_autoencoder(ae_sidecar['model']),
+            'image_encoder': refiner.create_image_encoder(spec), 'denoiser': refiner.create_denoiser(spec)}
+  return models, jax.tree.map(jnp.asarray, ae_vars['params']), ae_sidecar
+
+
+def train_refiner(config, workdir: str | pathlib.Path,
+                  data: Optional[pipeline.ArrayDataset] = None) -> pathlib.Path:
+  """Trains (or resumes) the image encoder + denoiser; exports the EMA params."""
+  workdir = pathlib.Path(workdir)
+  d = config.diffusion
+  _check_batch(d.batch_size)
+  models, ae_params, ae_sidecar = load_models(config, workdir)
+  scale = float(ae_sidecar['latent_scale'])
+  data = training_tiles(config, data)
+  params = init_refiner_params(models, jax.random.key(config.seed + 5), d.tile_size, d.latent_channels)
+  tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
+                                config.train.grad_clip)
+  state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
+  ckpt = state_lib.Checkpoints(workdir / 'refiner_ckpt', keep=config.train.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(jax.tree.map(np.asarray, state))
+    log.info('refiner: resumed at step %d', int(state.step))
+  log.info('refiner: image encoder %d + denoiser %d params; %d images (%s coarse maps), %dx%d tiles',
+           sum(x.size for x in jax.tree.leaves(params['image_encoder'])),
+           sum(x.size for x in jax.tree.leaves(params['denoiser'])), len(data), d.coarse_source,
+           d.tile_size, d.tile_size)
+  schedule = schedule_lib.cosine_schedule(d.timesteps)
+  step_fn = refiner.make_refiner_step(config, models, schedule, scale, loops.make_augment_fn(config))
+  progress = loops.Progress(workdir, d.num_steps, int(state.step), 'refiner')
+  state = _run(step_fn, state, _sampler(config, data, d.batch_size), ckpt, progress, d.num_steps,
+               d.log_every, d.checkpoint_every, jax.random.fold_in(jax.random.key(config.seed), 13), ae_params)
+  ckpt.close()
+  path = coarse.write_params(workdir / 'refiner.msgpack', {'params': state.ema_params}, refiner.refiner_spec(d), {
+      'autoencoder_hash': ae_sidecar['model_hash'], 'latent_scale': scale,
+      'coarse_hash': coarse.spec_hash(coarse.model_spec(config.model)), 'coarse_source': d.coarse_source,
+      'steps_trained': int(state.step), 'dataset': config.data.name, 'ema_decay': d.ema_decay,
+      'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra)})
+  log.info('exported %s (EMA params, step %d)', path, int(state.step))
+  return path
