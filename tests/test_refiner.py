@@ -281,3 +281,18 @@ def test_evaluate_refined_and_uncertainty_stages(trained, tmp_path):
   stem = sorted(p.stem for p in inputs.glob('*.png') if p.stem != 'broken')[0]
   for suffix in ('prob', 'mask', 'overlay', 'variance', 'uncertain'):
     assert (tmp_path / 'out' / f'{stem}_{suffix}.png').is_file()
+
+
+def test_evaluate_autoencoder_scores_reconstructions_at_native_size(trained):
+  config, workdir = trained
+  result = stages.evaluate_autoencoder(config, workdir, overwrite=True)
+  tests = _samples(config, 'test')
+  assert [r['id'] for r in result['rows']] == [s.id for s in tests]
+  # Recompute the first row by hand.
+  sidecar, variables = refiner.load_checked(workdir / 'autoencoder.msgpack', 'mask_autoencoder')
+  ae = refiner.create_autoencoder(sidecar['model'])
+  label, _ = refine_data.label_fov(tests[0], (64, 64))
+  recon = jax.nn.sigmoid(ae.apply(variables, jnp.asarray(label, jnp.float32)[None, ..., None]))[0, ..., 0]
+  want = metrics.image_metrics(preprocess.to_native(np.asarray(recon), tests[0].label.shape), tests[0].label,
+                               tests[0].fov, 0.5)
+  assert result['rows'][0]['dice'] == pytest.approx(want['dice'], abs=1e-6)

@@ -163,3 +163,12 @@ def test_holdout_maps_come_from_a_model_that_never_saw_them(tmp_path):
   config.data.fold = 0  # the checkpoint was trained without fold 1, not fold 0
   with pytest.raises(coarse.CheckpointError, match='not be out-of-fold'):
     stages.holdout(config, tmp_path, overwrite=True)
+
+
+def test_resuming_a_run_with_another_model_is_refused(tmp_path):
+  config = tiny_config()
+  config.train.num_steps = 2
+  loops.train_coarse(config, tmp_path)
+  config.model.name = 'lunet'
+  with pytest.raises(coarse.CheckpointError, match='run_model.json: this run was started with'):
+    loops.train_coarse(config, tmp_path)

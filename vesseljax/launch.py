@@ -6,7 +6,7 @@ Without --mode the whole job for the config runs (stats, train, evaluate,
 predict), skipping finished stages and resuming a partial training run.
 Modes: all, prepare, stats, train, export (params-only weights from the
 best or latest checkpoint), evaluate, predict, holdout (out-of-fold coarse
-maps of a k-fold run, for the refiner), train_autoencoder, train_refiner,
+maps of a k-fold run, for the refiner), train_autoencoder, evaluate_autoencoder, train_refiner,
 evaluate_refined (coarse vs refined, paired, with uncertainty AUROC) and
 uncertainty (refined maps + variance pictures for --input photos). Override config fields
 with e.g. --config.train.num_steps=500 or --config.data.root=/data/retina.
@@ -24,7 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (default ~/vesseljax_runs/<dataset>).')
 _MODE = flags.DEFINE_enum('mode', 'all', ['all', 'prepare', 'stats', 'train', 'export', 'evaluate', 'predict',
                                            'holdout', 'train_autoencoder', 'train_refiner',
-                                           'evaluate_refined', 'uncertainty'],
+                                           'evaluate_autoencoder', 'evaluate_refined', 'uncertainty'],
                           'What to run.')
 _INPUT = flags.DEFINE_string('input', None, 'predict, uncertainty: a photo or a folder of photos.')
 _OUTPUT = flags.DEFINE_string('output', None, 'predict: output folder (default <workdir>/predictions).')
@@ -91,6 +91,8 @@ def _dispatch(config, workdir: pathlib.Path, command: str) -> None:
     stages.train_autoencoder(config, workdir)
   elif mode == 'train_refiner':
     stages.train_refiner(config, workdir)
+  elif mode == 'evaluate_autoencoder':
+    stages.evaluate_autoencoder(config, workdir, command, overwrite=_OVERWRITE.value)
   elif mode == 'evaluate_refined':
     stages.evaluate_refined(config, workdir, command, overwrite=_OVERWRITE.value)
   elif mode == 'uncertainty':

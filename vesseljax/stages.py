@@ -216,6 +216,44 @@ def train_refiner(config, workdir: pathlib.Path) -> pathlib.Path:
   return refiner_loops.train_refiner(config, workdir)
 
 
+def evaluate_autoencoder(config, workdir: pathlib.Path, command: str = '', overwrite: bool = False) -> dict:
+  """Reconstruction of the `config.eval.split` labels by the mask autoencoder.
+
+  Each label, at the working size, goes through encode and decode (sigmoid);
+  the reconstruction is resized back to native size and scored against the
+  native label inside the FOV (threshold eval.threshold), as any prediction.
+  Writes `<workdir>/eval_autoencoder_<split>.json`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vesseljax.data import refine_data  # pylint: disable=g-import-not-at-top
+  from vesseljax.train import refiner, refiner_loops  # pylint: disable=g-import-not-at-top
+  split = config.eval.split
+  out_json = workdir / f'eval_autoencoder_{split}.json'
+  if out_json.exists() and not overwrite:
+    raise FileExistsError(f'{out_json} exists; remove it or pass --overwrite to replace it')
+  path = refiner_loops.autoencoder_path(config, workdir)
+  sidecar, variables = refiner.load_checked(path, 'mask_autoencoder')
+  ae = refiner.create_autoencoder(sidecar['model'])
+  reconstruct = jax.jit(lambda v, m: jax.nn.sigmoid(ae.apply(v, m)))
+  size = sources.work_size(config.data)
+  rows = []
+  for s in sources.load_samples(config.data, split, tfds_dir(config, workdir)):
+    label, _ = refine_data.label_fov(s, size)
+    recon = np.asarray(reconstruct(variables, jnp.asarray(label, jnp.float32)[None, ..., None]))[0, ..., 0]
+    rows.append({'id': s.id, **metrics.image_metrics_both(preprocess.to_native(recon, s.label.shape), s.label,
+                                                           s.fov, config.eval.threshold)})
+  summary = metrics.summarize(rows)
+  meta = {'dataset': config.data.name, 'split': split, 'method': f'autoencoder C={sidecar["model"]["latent_channels"]}',
+          'checkpoint': str(path), 'autoencoder': sidecar, 'working_size_hw': list(size),
+          'protocol': 'label -> encode -> decode at the working size, native resolution, inside FOV',
+          'command': command, 'date': datetime.date.today().isoformat()}
+  report.write_results(out_json, rows, summary, meta, overwrite=overwrite)
+  log.info('autoencoder reconstruction of %d %s labels: Dice %.4f +- %.4f; wrote %s', len(rows), split,
+           summary['dice']['mean'], summary['dice']['std'], out_json)
+  return {'rows': rows, 'summary': summary, 'meta': meta}
+
+
 def refined_predictor(config, workdir: pathlib.Path):
   """The coarse model (diffusion.coarse_checkpoint, else eval.checkpoint, else <workdir>/params.msgpack)
   with the workdir's refiner and autoencoder, sampling as config.sample says."""

@@ -133,6 +133,11 @@ def train_coarse(config, workdir: str | pathlib.Path, train_data: Optional[pipel
   model = coarse.create_model(config.model, norm_axis_name=steps.AXIS)
   eval_model = coarse.create_model(config.model)
   state = build_train_state(config, model, train_data.images.shape[-1])
+  try:
+    state_lib.check_run_spec(workdir, 'run_model', {**coarse.model_spec(config.model), 'num_folds': config.data.num_folds,
+                                                    'fold': config.data.fold, 'dataset': config.data.name})
+  except ValueError as e:
+    raise coarse.CheckpointError(str(e)) from e
   ckpt = state_lib.Checkpoints(workdir, keep=t.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(jax.tree.map(np.asarray, state))

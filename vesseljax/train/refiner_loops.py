@@ -99,6 +99,10 @@ def train_autoencoder(config, workdir: str | pathlib.Path,
   tx = state_lib.make_optimizer(d.ae_learning_rate, d.ae_steps, min(d.warmup_steps, d.ae_steps // 4),
                                 0.0, config.train.grad_clip)
   state = state_lib.TrainState.create(apply_fn=ae.apply, params=params, batch_stats={}, tx=tx)
+  try:
+    state_lib.check_run_spec(workdir / 'autoencoder_ckpt', 'run_model', spec)
+  except ValueError as e:
+    raise coarse.CheckpointError(str(e)) from e
   ckpt = state_lib.Checkpoints(workdir / 'autoencoder_ckpt', keep=config.train.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(jax.tree.map(np.asarray, state))
@@ -162,6 +166,12 @@ def train_refiner(config, workdir: str | pathlib.Path,
   tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
                                 config.train.grad_clip)
   state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
+  try:
+    state_lib.check_run_spec(workdir / 'refiner_ckpt', 'run_model', {
+        **refiner.refiner_spec(d), 'autoencoder_hash': ae_sidecar['model_hash'], 'coarse_source': d.coarse_source,
+        'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra)})
+  except ValueError as e:
+    raise coarse.CheckpointError(str(e)) from e
   ckpt = state_lib.Checkpoints(workdir / 'refiner_ckpt', keep=config.train.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(jax.tree.map(np.asarray, state))

@@ -96,3 +96,23 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def check_run_spec(run_dir: str | pathlib.Path, name: str, spec: dict) -> None:
+  """Records `spec` in `<run_dir>/<name>.json` on a run's first start; on a resume, refuses another spec.
+
+  Resuming a run with another network (e.g. --config.model.name=lunet against
+  a lunet_ra run) would restore mismatched checkpoints or silently mix runs.
+
+  Raises:
+    ValueError: naming the file and both specs.
+  """
+  path = pathlib.Path(run_dir) / f'{name}.json'
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved != json.loads(json.dumps(spec)):
+      raise ValueError(f'{path}: this run was started with {saved}, not {spec}; '
+                       f'use another workdir (or delete the run to start over)')
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(spec, indent=2, sort_keys=True))
