@@ -99,7 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   # k-fold coarse runs, listed in coarse_maps) or 'degrade' (a degradation model
   # of the ground truth; see data/degrade.py).
   config.diffusion.coarse_source = 'degrade'
-  config.diffusion.coarse_maps = ()  # paths of holdout_maps.npz (coarse_source='oof')
+  config.diffusion.coarse_maps = ''  # comma-separated holdout_maps.npz paths (coarse_source='oof')
   config.diffusion.degrade_variants = 4  # degraded maps per training image ('degrade')
   config.diffusion.coarse_checkpoint = config_dict.placeholder(str)  # coarse params for inference
   config.diffusion.autoencoder_checkpoint = config_dict.placeholder(str)  # unset: <workdir>/autoencoder.msgpack

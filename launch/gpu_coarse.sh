@@ -4,8 +4,7 @@
 #
 #   DATA=/path/to/datasets RUNS=/tmp/runs OUT=/tmp/out bash launch/gpu_coarse.sh
 #
-# Runs (all at once, each its own process; small patch batches leave a big GPU
-# mostly idle, so concurrent processes share it far better than a queue):
+# Runs (each its own process, MAX_PARALLEL at a time):
 #   {drive,chase,hrf}_{lunet_ra,lunet}   STEPS steps each (the issue-3 table)
 #   hrf512_lunet_ra                      HRF at a 512x512 working size
 #   drive_fold{0..3}                     LU-Net+RA without one of 4 folds of
@@ -26,9 +25,12 @@ RUNS=${RUNS:-$HOME/runs/gpu}
 OUT=${OUT:-$RUNS/out}
 STEPS=${STEPS:-}            # unset: calibrated from the benchmark (below)
 FOLD_STEPS=${FOLD_STEPS:-}  # unset: STEPS / 2
-DEADLINE_S=${DEADLINE_S:-300}
+DEADLINE_S=${DEADLINE_S:-420}
 BENCH_S=${BENCH_S:-120}     # 0 skips the benchmark
 PYTHON=${PYTHON:-python3}
+# Runs at a time. XLA's GPU autotuning makes compilation the cost: 11 processes
+# at once took ~4.5 min each to compile (one alone: 37 s); see BUILD_NOTES.md.
+MAX_PARALLEL=${MAX_PARALLEL:-3}
 ONLY=${ONLY:-}              # e.g. "chase_lunet drive_fold0": only these runs (smoke tests)
 EXTRA=${EXTRA:-}            # more config overrides for every run
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
@@ -47,16 +49,17 @@ if [ "$BENCH_S" -gt 0 ]; then
   log "benchmark exit $?"; tail -n 25 "$RUNS/benchmark.log"
 fi
 if [ -z "$STEPS" ]; then
-  # Steps that finish by the deadline even if the GPU ran the runs one after
-  # another (concurrent processes can only do better): 60 s for start-up and
-  # compilation, 7 main runs and 4 half-length fold runs = 9 run-equivalents.
-  STEPS=$($PYTHON - "$RUNS/benchmark_gpu.json" "$DEADLINE_S" <<'PY'
+  # Steps that finish by the deadline if the runs go one after another on the
+  # GPU: 60 s of start-up and compilation per wave of MAX_PARALLEL runs,
+  # 7 main runs and 4 half-length fold runs = 9 run-equivalents of steps.
+  STEPS=$($PYTHON - "$RUNS/benchmark_gpu.json" "$DEADLINE_S" "$MAX_PARALLEL" <<'PY'
 import json, sys
 try:
   step_s = json.load(open(sys.argv[1]))['figures']['reference/train_b16_p128']['seconds_per_step']
 except (OSError, KeyError, ValueError):
   step_s = 0.03
-print(max(400, min(4000, int((float(sys.argv[2]) - 60) / (9 * step_s) // 100 * 100))))
+waves = -(-11 // int(sys.argv[3]))
+print(max(400, min(4000, int((float(sys.argv[2]) - 60 * waves) / (9 * step_s) // 100 * 100))))
 PY
 )
   log "calibrated STEPS=$STEPS"
@@ -87,10 +90,15 @@ if [ -n "$ONLY" ]; then
   read -r -a MAIN <<< "$(keep "${MAIN[@]}")"; read -r -a FOLDS <<< "$(keep "${FOLDS[@]}")"
 fi
 log "training ${#MAIN[@]} main runs ($STEPS steps) and ${#FOLDS[@]} fold runs ($FOLD_STEPS steps), deadline ${DEADLINE_S}s"
+t_train=$(date +%s)
 for run in "${MAIN[@]}" "${FOLDS[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$MAX_PARALLEL" ]; do sleep 2; done
+  left=$(( DEADLINE_S - ($(date +%s) - t_train) ))
+  if [ "$left" -le 30 ]; then log "no time left to start $run"; continue; fi
   steps=$STEPS; [[ $run == *fold* ]] && steps=$FOLD_STEPS
+  log "start $run ($steps steps, at most ${left}s)"
   # shellcheck disable=SC2086
-  timeout -s INT -k 60 "$DEADLINE_S" $PYTHON -m vesseljax.launch --mode=train --workdir="$RUNS/$run" \
+  timeout -s INT -k 60 "$left" $PYTHON -m vesseljax.launch --mode=train --workdir="$RUNS/$run" \
     ${ARGS[$run]} "${common[@]}" --config.train.num_steps="$steps" > "$RUNS/$run.log" 2>&1 &
 done
 while [ -n "$(jobs -rp)" ]; do

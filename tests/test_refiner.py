@@ -65,19 +65,22 @@ def test_refiner_dataset_from_out_of_fold_maps(tmp_path):
   _write_holdout(tmp_path / 'a.npz', ids[:3], (64, 64), 51)
   _write_holdout(tmp_path / 'b.npz', ids[3:], (64, 64), 102)
   config.diffusion.coarse_source = 'oof'
-  config.diffusion.coarse_maps = (str(tmp_path / 'a.npz'), str(tmp_path / 'b.npz'))
+  config.diffusion.coarse_maps = f"{tmp_path / 'a.npz'},{tmp_path / 'b.npz'}"
   data = refine_data.refiner_dataset(config, samples)
   assert data.ids == ids
   np.testing.assert_allclose(data.images[0, ..., refine_data.COARSE], 0.2, atol=1e-6)
   np.testing.assert_allclose(data.images[-1, ..., refine_data.RA], 153 / 255, atol=1e-6)
-  config.diffusion.coarse_maps = (str(tmp_path / 'a.npz'),)
+  config.diffusion.coarse_maps = str(tmp_path / 'a.npz')
   with pytest.raises(DataError, match='miss 2 training image'):
     refine_data.refiner_dataset(config, samples)
-  config.diffusion.coarse_maps = (str(tmp_path / 'a.npz'), str(tmp_path / 'a.npz'))
+  config.diffusion.coarse_maps = f"{tmp_path / 'a.npz'},{tmp_path / 'a.npz'}"
   with pytest.raises(DataError, match='another holdout file'):
     refine_data.refiner_dataset(config, samples)
-  config.diffusion.coarse_maps = (str(tmp_path / 'missing.npz'),)
+  config.diffusion.coarse_maps = str(tmp_path / 'missing.npz')
   with pytest.raises(DataError, match='missing.npz: out-of-fold coarse maps not found'):
+    refine_data.refiner_dataset(config, samples)
+  config.diffusion.coarse_maps = ''
+  with pytest.raises(DataError, match='needs diffusion.coarse_maps'):
     refine_data.refiner_dataset(config, samples)
 
 

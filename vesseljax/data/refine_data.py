@@ -91,11 +91,15 @@ def refiner_dataset(config, samples: Sequence[Sample]) -> ArrayDataset:
   """
   d = config.diffusion
   if d.coarse_source == 'oof':
-    maps = read_holdout_maps(d.coarse_maps)
+    paths = [x for x in d.coarse_maps.split(',') if x.strip()]
+    if not paths:
+      raise DataError("diffusion.coarse_source='oof' needs diffusion.coarse_maps (comma-separated "
+                      'holdout_maps.npz paths)')
+    maps = read_holdout_maps([x.strip() for x in paths])
     missing = [s.id for s in samples if s.id not in maps]
     if missing:
       raise DataError(f'out-of-fold coarse maps miss {len(missing)} training image(s): {missing[:5]}; '
-                      f'files: {list(d.coarse_maps)}')
+                      f'files: {paths}')
     return pack(samples, config.data, [maps[s.id] for s in samples])
   if d.coarse_source == 'degrade':
     rng = np.random.default_rng(config.seed)
