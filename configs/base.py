@@ -142,6 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 2
   config.eval.compare_to = config_dict.placeholder(str)  # rows JSON for Wilcoxon
   config.eval.max_images = 0  # 0 = all
+  config.eval.flips = 1  # test-time flips: 1 (none), 2 (+ left-right), 4 (+ top-bottom, both)
   # Params-only coarse checkpoint for evaluate/predict; unset: <workdir>/params.msgpack.
   config.eval.checkpoint = config_dict.placeholder(str)
 

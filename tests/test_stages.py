@@ -172,3 +172,16 @@ def test_resuming_a_run_with_another_model_is_refused(tmp_path):
   config.model.name = 'lunet'
   with pytest.raises(coarse.CheckpointError, match='run_model.json: this run was started with'):
     loops.train_coarse(config, tmp_path)
+
+
+def test_test_time_flips_average_the_mirrored_predictions(trained):
+  config, workdir = trained
+  images = sources.to_arrays(sources.load_samples(config.data, 'test'), config.data).images
+  plain = predict.CoarsePredictor(workdir / 'params.msgpack', config.data)
+  four = predict.CoarsePredictor(workdir / 'params.msgpack', config.data, flips=4)
+  views = [plain.probs_at_work_size(np.ascontiguousarray(np.flip(images, axis=a) if a else images))
+           for a in ((), (2,), (1,), (1, 2))]
+  unflipped = [views[0], np.flip(views[1], 2), np.flip(views[2], 1), np.flip(views[3], (1, 2))]
+  np.testing.assert_allclose(four.probs_at_work_size(images), np.mean(unflipped, axis=0), atol=1e-6)
+  with pytest.raises(ValueError, match='eval.flips'):
+    predict.CoarsePredictor(workdir / 'params.msgpack', config.data, flips=3)

@@ -24,13 +24,16 @@ from vesseljax.train import coarse, steps
 
 log = logging.getLogger('vesseljax')
 
+# Test-time flips: number of views -> the (H, W) axes each view mirrors.
+FLIPS = {1: ((),), 2: ((), (1,)), 4: ((), (1,), (0,), (0, 1))}
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.tif', '.tiff', '.bmp', '.gif', '.ppm')
 
 
 class CoarsePredictor:
   """A loaded coarse model: `predictor(rgb) -> (H, W) float32 probabilities`."""
 
-  def __init__(self, checkpoint: str | pathlib.Path, data_config, impl: str = 'auto'):
+  def __init__(self, checkpoint: str | pathlib.Path, data_config, impl: str = 'auto', flips: int = 1):
     self.sidecar, variables = coarse.load_params(checkpoint)
     spec = self.sidecar['model']
     self.model = coarse.create_model(dict(spec, impl=impl))
@@ -39,6 +42,9 @@ class CoarsePredictor:
     self.work_size = tuple(self.sidecar.get('image_size') or sources.work_size(data_config))
     self.data_config = data_config
     self._apply = steps.make_predict_fn(self.model.apply)
+    if flips not in FLIPS:
+      raise ValueError(f'eval.flips must be one of {sorted(FLIPS)}, got {flips}')
+    self.flips = flips
 
   def preprocess(self, rgb: np.ndarray) -> np.ndarray:
     d = self.data_config
@@ -49,8 +55,18 @@ class CoarsePredictor:
     return self._apply(self.variables, jnp.asarray(images))
 
   def probs_at_work_size(self, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
-    """(N, H_work, W_work) probabilities for preprocessed images."""
-    return coarse.infer_probs(self._apply, self.variables, images, batch_size)
+    """(N, H_work, W_work) probabilities for preprocessed images (N, H, W, C).
+
+    With `flips` 2 or 4 (test-time augmentation), the mean of the
+    probabilities of the image and its mirror images (left-right; and
+    top-bottom and both), each mapped back.
+    """
+    total = np.zeros(images.shape[:3], np.float32)
+    for axes in FLIPS[self.flips]:
+      flipped = np.flip(images, axis=tuple(a + 1 for a in axes)) if axes else images
+      prob = coarse.infer_probs(self._apply, self.variables, np.ascontiguousarray(flipped), batch_size)
+      total += np.flip(prob, axis=tuple(a + 1 for a in axes)) if axes else prob
+    return total / len(FLIPS[self.flips])
 
   def __call__(self, rgb: np.ndarray) -> np.ndarray:
     """(H, W) float32 vessel probability at the photo's native size."""

@@ -120,7 +120,7 @@ def evaluate(config, workdir: pathlib.Path, command: str = '', overwrite: bool =
   if out_json.exists() and not overwrite:
     raise FileExistsError(f'{out_json} exists; remove it or pass --overwrite to replace it')
   ckpt = checkpoint_path(config, workdir)
-  predictor = predict.CoarsePredictor(ckpt, config.data, config.model.impl)
+  predictor = predict.CoarsePredictor(ckpt, config.data, config.model.impl, config.eval.flips)
   samples = sources.load_samples(config.data, split, tfds_dir(config, workdir))
   if config.eval.max_images:
     samples = samples[:config.eval.max_images]
@@ -134,7 +134,7 @@ def evaluate(config, workdir: pathlib.Path, command: str = '', overwrite: bool =
   meta = {'dataset': config.data.name, 'split': split, 'method': predictor.sidecar['model']['name'],
           'checkpoint': str(ckpt), 'working_size_hw': list(predictor.work_size),
           'threshold': config.eval.threshold, 'protocol': 'inside FOV, native resolution',
-          'command': command, 'date': datetime.date.today().isoformat()}
+          'test_time_flips': config.eval.flips, 'command': command, 'date': datetime.date.today().isoformat()}
   pvalues = None
   if config.eval.compare_to:
     other = report.read_results(config.eval.compare_to)
@@ -196,7 +196,8 @@ def holdout(config, workdir: pathlib.Path, overwrite: bool = False) -> pathlib.P
 def predict_images(config, workdir: pathlib.Path, inputs: str, output: Optional[str]) -> int:
   """Segments photos; returns the number of unreadable inputs (the launch exits non-zero on any)."""
   from vesseljax import predict  # pylint: disable=g-import-not-at-top
-  predictor = predict.CoarsePredictor(checkpoint_path(config, workdir), config.data, config.model.impl)
+  predictor = predict.CoarsePredictor(checkpoint_path(config, workdir), config.data, config.model.impl,
+                                       config.eval.flips)
   out_dir = pathlib.Path(output) if output else workdir / 'predictions'
   written, errors = predict.predict_files(predictor, predict.list_inputs(inputs), out_dir,
                                           config.eval.threshold)
