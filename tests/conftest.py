@@ -79,3 +79,13 @@ def tiny_refiner_config():
   s.ensemble = 2
   s.tile_batch = 2
   return config
+
+
+@pytest.fixture(scope='module')
+def fast_compiles():
+  """Most XLA optimisations off (STYLE.md 7) for a module's compiles: `pytestmark = pytest.mark.usefixtures('fast_compiles')`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)

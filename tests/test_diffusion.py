@@ -15,13 +15,7 @@ LATENT_SHAPE = (2, 8, 8, 4)  # (B, h, w, C)
 NUM_TOKENS, TOKEN_DIM = 5, 3  # image tokens in the fake condition
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compiles():
-  """Most XLA optimisations off (STYLE.md 7) for this module's compiles."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')  # conftest: XLA optimisations off
 
 
 @pytest.fixture(scope='module')

@@ -33,13 +33,7 @@ def _assert_close(actual, expected, rtol=1e-5):
   assert err <= rtol * scale, f'max error {err:.3g} > {rtol} * {scale:.3g}'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compiles():
-  """Most XLA optimisations off (STYLE.md 7) for this module's compiles."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')  # conftest: XLA optimisations off
 
 
 def _random_variables(model, x_shape, seed=0):

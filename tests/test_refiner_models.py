@@ -31,13 +31,7 @@ LATENT = (16, 16, 4)  # (h, w, C).
 TOKENS = (4, 8)  # (N, D).
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compiles():
-  """Most XLA optimisations off (STYLE.md 7) for this module's compiles."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')  # conftest: XLA optimisations off
 
 
 def _normal(seed, shape):

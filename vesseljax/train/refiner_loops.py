@@ -69,6 +69,19 @@ def _run(step_fn: Callable, state, sampler, ckpt: state_lib.Checkpoints, progres
   return state
 
 
+def _open_run(run_dir: pathlib.Path, spec: dict, state, keep: int):
+  """(state, Checkpoints) of a run: its spec checked against the first start's, its latest checkpoint restored."""
+  try:
+    state_lib.check_run_spec(run_dir, 'run_model', spec)
+  except ValueError as e:
+    raise coarse.CheckpointError(str(e)) from e
+  ckpt = state_lib.Checkpoints(run_dir, keep=keep)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(jax.tree.map(np.asarray, state))
+    log.info('%s: resumed at step %d', run_dir, int(state.step))
+  return state, ckpt
+
+
 def _check_batch(batch_size: int) -> None:
   if batch_size % jax.local_device_count():
     raise ValueError(f'batch size {batch_size} is not divisible by the {jax.local_device_count()} local devices')
@@ -99,14 +112,7 @@ def train_autoencoder(config, workdir: str | pathlib.Path,
   tx = state_lib.make_optimizer(d.ae_learning_rate, d.ae_steps, min(d.warmup_steps, d.ae_steps // 4),
                                 0.0, config.train.grad_clip)
   state = state_lib.TrainState.create(apply_fn=ae.apply, params=params, batch_stats={}, tx=tx)
-  try:
-    state_lib.check_run_spec(workdir / 'autoencoder_ckpt', 'run_model', spec)
-  except ValueError as e:
-    raise coarse.CheckpointError(str(e)) from e
-  ckpt = state_lib.Checkpoints(workdir / 'autoencoder_ckpt', keep=config.train.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(jax.tree.map(np.asarray, state))
-    log.info('autoencoder: resumed at step %d', int(state.step))
+  state, ckpt = _open_run(workdir / 'autoencoder_ckpt', spec, state, config.train.keep_checkpoints)
   log.info('autoencoder (C=%d, %d params) on %d images, %dx%d tiles', d.latent_channels,
            sum(x.size for x in jax.tree.leaves(state.params)), len(data), tile, tile)
   sampler = _sampler(config, data, d.ae_batch_size)
@@ -166,16 +172,9 @@ def train_refiner(config, workdir: str | pathlib.Path,
   tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
                                 config.train.grad_clip)
   state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
-  try:
-    state_lib.check_run_spec(workdir / 'refiner_ckpt', 'run_model', {
-        **refiner.refiner_spec(d), 'autoencoder_hash': ae_sidecar['model_hash'], 'coarse_source': d.coarse_source,
-        'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra)})
-  except ValueError as e:
-    raise coarse.CheckpointError(str(e)) from e
-  ckpt = state_lib.Checkpoints(workdir / 'refiner_ckpt', keep=config.train.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(jax.tree.map(np.asarray, state))
-    log.info('refiner: resumed at step %d', int(state.step))
+  run_spec = {**refiner.refiner_spec(d), 'autoencoder_hash': ae_sidecar['model_hash'],
+              'coarse_source': d.coarse_source, 'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra)}
+  state, ckpt = _open_run(workdir / 'refiner_ckpt', run_spec, state, config.train.keep_checkpoints)
   log.info('refiner: image encoder %d + denoiser %d params; %d images (%s coarse maps), %dx%d tiles',
            sum(x.size for x in jax.tree.leaves(params['image_encoder'])),
            sum(x.size for x in jax.tree.leaves(params['denoiser'])), len(data), d.coarse_source,
