@@ -142,3 +142,18 @@ def test_array_dataset_validates():
     pipeline.ArrayDataset(images, masks.astype(np.float32), masks, ['a', 'b'])
   with pytest.raises(DataError, match='ids'):
     pipeline.ArrayDataset(images, masks, masks, ['a'])
+
+
+def test_process_slices_reassemble_the_global_batch():
+  batch = {'image': np.arange(8 * 3).reshape(8, 3), 'label': np.arange(8)}
+  parts = [pipeline.process_slice(batch, i, 4) for i in range(4)]
+  np.testing.assert_array_equal(np.concatenate([p['image'] for p in parts]), batch['image'])
+  np.testing.assert_array_equal(parts[1]['label'], [2, 3])
+  assert pipeline.process_slice(batch, 0, 1) is batch
+  with pytest.raises(ValueError, match='not divisible by the 3 hosts'):
+    pipeline.process_slice(batch, 0, 3)
+  with pytest.raises(ValueError, match='outside'):
+    pipeline.process_slice(batch, 4, 4)
+  # One host: host_shard is shard over the local devices.
+  sharded = pipeline.host_shard(batch)
+  assert sharded['image'].shape == (4, 2, 3)

@@ -28,6 +28,10 @@ _MODE = flags.DEFINE_enum('mode', 'all', ['all', 'prepare', 'stats', 'train', 'e
                           'What to run.')
 _INPUT = flags.DEFINE_string('input', None, 'predict, uncertainty: a photo or a folder of photos.')
 _OUTPUT = flags.DEFINE_string('output', None, 'predict: output folder (default <workdir>/predictions).')
+_MULTIHOST = flags.DEFINE_bool(
+    'multihost', False, 'Call jax.distributed.initialize() first (one process per host; the coordinator '
+    'address, process count and id come from the cluster environment or JAX_COORDINATOR_ADDRESS, '
+    'JAX_NUM_PROCESSES, JAX_PROCESS_ID).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'evaluate, holdout: replace existing result files.')
 
 DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'datasets'
@@ -45,6 +49,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.parse_flags_with_absl()
+  if _MULTIHOST.value:
+    # jax reads JAX_COORDINATOR_ADDRESS itself; the process count and id from here.
+    env = {'num_processes': 'JAX_NUM_PROCESSES', 'process_id': 'JAX_PROCESS_ID'}
+    jax.distributed.initialize(**{k: int(os.environ[v]) for k, v in env.items() if v in os.environ})
   if not jax.config.jax_compilation_cache_dir:
     # Re-runs and resumed runs skip XLA compilation (tens of seconds per program on a CPU).
     jax.config.update('jax_compilation_cache_dir', str(pathlib.Path.home() / '.cache' / 'vesseljax' / 'xla'))

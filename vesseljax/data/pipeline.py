@@ -272,3 +272,32 @@ def shard(batch: _T, num_devices: int) -> _T:
   return jax.tree.map(
       lambda x: x.reshape((num_devices, x.shape[0] // num_devices)
                           + x.shape[1:]), batch)
+
+
+def process_slice(batch: _T, process_index: int, process_count: int) -> _T:
+  """This host's contiguous slice of a global batch (multi-host training).
+
+  Every host draws the same global batch (a function of (seed, step)) and
+  keeps rows [i * B / P, (i + 1) * B / P); pmap over all hosts' devices then
+  sees the global batch in order, so a multi-host step equals a one-host step
+  with the same global batch.
+
+  Raises:
+    ValueError: B not divisible by process_count, or a bad index.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} outside [0, {process_count})')
+  if process_count == 1:
+    return batch
+  sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+  (size,) = sizes
+  if size % process_count:
+    raise ValueError(f'global batch {size} is not divisible by the {process_count} hosts')
+  per = size // process_count
+  return jax.tree.map(lambda x: x[process_index * per:(process_index + 1) * per], batch)
+
+
+def host_shard(batch: _T) -> _T:
+  """`shard(process_slice(batch, this host), local devices)`: a global batch ready for pmap."""
+  local = process_slice(batch, jax.process_index(), jax.process_count())
+  return shard(local, jax.local_device_count())

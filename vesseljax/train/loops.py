@@ -117,9 +117,9 @@ def train_coarse(config, workdir: str | pathlib.Path, train_data: Optional[pipel
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
-  devices = jax.local_device_count()
+  devices = jax.device_count()  # all hosts' devices; each host feeds its own
   if t.batch_size % devices:
-    raise ValueError(f'train.batch_size={t.batch_size} is not divisible by the {devices} local devices')
+    raise ValueError(f'train.batch_size={t.batch_size} is not divisible by the {devices} devices')
 
   if train_data is None:
     train_data = sources.to_arrays(sources.load_samples(config.data, 'train', config.data.tfds_dir), config.data)
@@ -153,7 +153,7 @@ def train_coarse(config, workdir: str | pathlib.Path, train_data: Optional[pipel
   history = []
   try:
     for step in range(start, t.num_steps):
-      batch = pipeline.shard(sampler.batch(step), devices)
+      batch = pipeline.host_shard(sampler.batch(step))
       new_state, metrics = train_step(state, batch, train_key)
       loss = float(metrics['loss'])
       if not np.isfinite(loss):

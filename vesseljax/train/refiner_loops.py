@@ -45,11 +45,10 @@ def _sampler(config, data, batch_size: int) -> pipeline.PatchSampler:
 def _run(step_fn: Callable, state, sampler, ckpt: state_lib.Checkpoints, progress: loops.Progress,
          num_steps: int, log_every: int, checkpoint_every: int, key: jax.Array, *extra):
   """The shared loop: step, NaN check, log, checkpoint; returns the final state."""
-  devices = jax.local_device_count()
   history = []
   try:
     for step in range(int(state.step), num_steps):
-      batch = pipeline.shard(sampler.batch(step), devices)
+      batch = pipeline.host_shard(sampler.batch(step))
       new_state, metrics = step_fn(state, batch, key, *extra)
       loss = float(metrics['loss'])
       if not np.isfinite(loss):
@@ -83,8 +82,8 @@ def _open_run(run_dir: pathlib.Path, spec: dict, state, keep: int):
 
 
 def _check_batch(batch_size: int) -> None:
-  if batch_size % jax.local_device_count():
-    raise ValueError(f'batch size {batch_size} is not divisible by the {jax.local_device_count()} local devices')
+  if batch_size % jax.device_count():
+    raise ValueError(f'batch size {batch_size} is not divisible by the {jax.device_count()} devices')
 
 
 def autoencoder_path(config, workdir: pathlib.Path) -> pathlib.Path:
