@@ -89,3 +89,13 @@ def fast_compiles():
   jax.config.update('jax_disable_most_optimizations', True)
   yield
   jax.config.update('jax_disable_most_optimizations', previous)
+
+
+def assert_close(actual, expected, rtol=1e-5):
+  """Max abs error within rtol of the expected array's max magnitude."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.shape == expected.shape
+  scale = max(float(np.max(np.abs(expected))), 1e-12)
+  err = float(np.max(np.abs(actual - expected)))
+  assert err <= rtol * scale, f'max error {err:.3g} > {rtol} * {scale:.3g}'

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_close
+
 from vesseljax.diffusion import sampler as sampler_lib
 from vesseljax.diffusion import schedule as schedule_lib
 
@@ -29,13 +31,7 @@ def _normal(seed, shape):
                      jnp.float32)
 
 
-def _assert_close(actual, expected, rtol=1e-5):
-  """Max abs error within rtol of the expected array's max magnitude."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
-  scale = max(float(np.max(np.abs(expected))), 1e-12)
-  err = float(np.max(np.abs(actual - expected)))
-  assert err <= rtol * scale, f'max error {err:.3g} > {rtol} * {scale:.3g}'
+_assert_close = assert_close  # conftest: max error relative to the expected magnitude
 
 
 def _cond(seed=1):

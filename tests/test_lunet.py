@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_close
+
 from vesseljax.models import lunet as lunet_lib
 
 # Tiny widths keep compile and run times small on a busy 2-core CPU.
@@ -24,13 +26,7 @@ def _image(seed, shape):
   return jnp.asarray(np.random.default_rng(seed).random(shape, np.float32))
 
 
-def _assert_close(actual, expected, rtol=1e-5):
-  """Max abs error within rtol of the expected array's max magnitude."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
-  scale = max(float(np.max(np.abs(expected))), 1e-12)
-  err = float(np.max(np.abs(actual - expected)))
-  assert err <= rtol * scale, f'max error {err:.3g} > {rtol} * {scale:.3g}'
+_assert_close = assert_close  # conftest: max error relative to the expected magnitude
 
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')  # conftest: XLA optimisations off
