@@ -54,6 +54,17 @@ class CoarsePredictor:
     """Model outputs for preprocessed (B, H_work, W_work, 1) images."""
     return self._apply(self.variables, jnp.asarray(images))
 
+  def maps(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The refiner's conditions for one preprocessed (H_work, W_work, 1) image.
+
+    Returns:
+      (probability, reverse-attention map), each (H_work, W_work) float32 in
+      [0, 1]: sigmoid of the main logits, and 1 - sigmoid(A) of the coarse model.
+    """
+    outputs = self.outputs(image[None])
+    prob = jax.nn.sigmoid(outputs['logits'][0, ..., 0])
+    return np.asarray(prob, np.float32), np.asarray(outputs['ra_map'][0, ..., 0], np.float32)
+
   def probs_at_work_size(self, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
     """(N, H_work, W_work) probabilities for preprocessed images (N, H, W, C).
 

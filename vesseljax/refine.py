@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import pathlib
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,16 +53,22 @@ class SampleOptions:
     return cls(**{f.name: sample_config[f.name] for f in dataclasses.fields(cls)})
 
   def check(self, timesteps: int) -> None:
-    if not 1 <= self.steps <= timesteps:
-      raise ValueError(f'sample.steps={self.steps} must be in [1, {timesteps}]')
-    if not (math.isfinite(self.guidance) and self.guidance >= 0):
-      raise ValueError(f'sample.guidance={self.guidance} must be a finite number >= 0')
-    if not 0.0 <= self.eta <= 1.0:
-      raise ValueError(f'sample.eta={self.eta} must be in [0, 1]')
+    """Raises ValueError naming the `sample.<field>` that is out of range.
+
+    The range checks are the sampler's own (one set of rules for both).
+    """
+    checks = [('steps', lambda v: schedule_lib.ddim_timesteps(timesteps, v)),
+              ('guidance', sampler.check_guidance_scale), ('eta', sampler.check_eta)]
+    if self.start == 'coarse':
+      checks.append(('strength', sampler.check_strength))
+    for field, check in checks:
+      value = getattr(self, field)
+      try:
+        check(value)
+      except ValueError as e:
+        raise ValueError(f'sample.{field}={value}: {e}') from None
     if self.start not in ('noise', 'coarse'):
       raise ValueError(f"sample.start={self.start!r} must be 'noise' or 'coarse'")
-    if self.start == 'coarse' and not 0.0 < self.strength <= 1.0:
-      raise ValueError(f'sample.strength={self.strength} must be in (0, 1]')
     if self.ensemble < 1 or self.tile_batch < 1:
       raise ValueError(f'sample.ensemble={self.ensemble} and sample.tile_batch={self.tile_batch} must be >= 1')
 
@@ -176,10 +179,7 @@ class RefinedPredictor:
 
   def __call__(self, rgb: np.ndarray, name: str = 'image') -> dict[str, np.ndarray]:
     """Native-size maps for an RGB photo: 'prob' (refined mean), 'variance', 'coarse'."""
-    work = self.coarse.preprocess(rgb)[None]
-    outputs = self.coarse.outputs(work)
-    coarse_prob = np.asarray(jax.nn.sigmoid(outputs['logits'][0, ..., 0]))
-    ra = np.asarray(outputs['ra_map'][0, ..., 0])
+    coarse_prob, ra = self.coarse.maps(self.coarse.preprocess(rgb))
     rgb_work = preprocess.preprocess_rgb(rgb, self.coarse.work_size)
     mean, var = self.refine_work(rgb_work, coarse_prob, ra, name)
     native = rgb.shape[:2]

@@ -16,7 +16,6 @@ import time
 from typing import Optional
 
 import numpy as np
-from scipy import special
 
 from vesseljax.data import datasets, preprocess, sources
 from vesseljax.data.sample import DataError
@@ -180,11 +179,7 @@ def holdout(config, workdir: pathlib.Path, overwrite: bool = False) -> pathlib.P
         f'{d.fold} of {d.num_folds}; its maps would not be out-of-fold')
   data = sources.to_arrays(sources.load_samples(d, 'train', tfds_dir(config, workdir)), d)
   _, held = sources.fold_split(data, d.num_folds, d.fold)
-  probs, ras = [], []
-  for i in range(len(held)):
-    outputs = predictor.outputs(held.images[i:i + 1])
-    probs.append(special.expit(np.asarray(outputs['logits'][0, ..., 0])))
-    ras.append(np.asarray(outputs['ra_map'][0, ..., 0]))
+  probs, ras = zip(*(predictor.maps(image) for image in held.images))
   to_u8 = lambda x: np.round(np.clip(np.stack(x), 0, 1) * 255).astype(np.uint8)
   tmp = out.with_suffix('.tmp.npz')
   np.savez_compressed(tmp, ids=np.array(held.ids), prob=to_u8(probs), ra_map=to_u8(ras), fov=held.fovs)

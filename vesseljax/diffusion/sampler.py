@@ -66,7 +66,8 @@ DenoiseFn = Callable[[Array, Array, Any, Array], Array]
 EpsFn = Callable[[Array, Array, Any], Array]
 
 
-def _check_guidance_scale(guidance_scale: float) -> float:
+def check_guidance_scale(guidance_scale: float) -> float:
+  """Returns the scale as a float; ValueError unless finite and >= 0."""
   scale = float(guidance_scale)
   if not (math.isfinite(scale) and scale >= 0):
     raise ValueError(
@@ -75,7 +76,8 @@ def _check_guidance_scale(guidance_scale: float) -> float:
   return scale
 
 
-def _check_eta(eta: float) -> float:
+def check_eta(eta: float) -> float:
+  """Returns eta as a float; ValueError unless in [0, 1]."""
   eta = float(eta)
   if not 0.0 <= eta <= 1.0:  # also rejects NaN
     raise ValueError(
@@ -84,7 +86,8 @@ def _check_eta(eta: float) -> float:
   return eta
 
 
-def _check_strength(strength: float) -> float:
+def check_strength(strength: float) -> float:
+  """Returns the strength as a float; ValueError unless in (0, 1]."""
   strength = float(strength)
   if not 0.0 < strength <= 1.0:  # also rejects NaN
     raise ValueError(
@@ -122,7 +125,7 @@ def guided_eps_fn(denoise_fn: DenoiseFn, guidance_scale: float) -> EpsFn:
   Raises:
     ValueError: if guidance_scale is negative or not finite.
   """
-  scale = _check_guidance_scale(guidance_scale)
+  scale = check_guidance_scale(guidance_scale)
 
   def eps_fn(z_t: Array, t: Array, cond: Any) -> Array:
     batch = z_t.shape[0]
@@ -195,7 +198,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: schedule_lib.Schedule, cond: Any,
     ValueError: for N outside [1, T], eta outside [0, 1], start_index outside
       [0, N), or eta > 0 without a key.
   """
-  eta = _check_eta(eta)
+  eta = check_eta(eta)
   timesteps = schedule_lib.ddim_timesteps(schedule.num_steps,
                                           num_sample_steps)
   start_index = _resolve_start_index(start_index, num_sample_steps)
@@ -234,7 +237,7 @@ def ddim_sample_loop(eps_fn: EpsFn, schedule: schedule_lib.Schedule,
   formulas with the schedule's gathers rather than `ddim_sample`'s tables, so
   the two check each other.
   """
-  eta = _check_eta(eta)
+  eta = check_eta(eta)
   timesteps = schedule_lib.ddim_timesteps(schedule.num_steps,
                                           num_sample_steps)
   start_index = _resolve_start_index(start_index, num_sample_steps)
@@ -285,7 +288,7 @@ def strength_start(schedule: schedule_lib.Schedule, z_coarse: Array,
   Raises:
     ValueError: for strength outside (0, 1] or N outside [1, T].
   """
-  strength = _check_strength(strength)
+  strength = check_strength(strength)
   timesteps = schedule_lib.ddim_timesteps(schedule.num_steps,
                                           num_sample_steps)
   start_index = max(math.floor(strength * num_sample_steps + 0.5) - 1, 0)

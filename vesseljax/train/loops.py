@@ -16,7 +16,6 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vesseljax.data import augment, pipeline, sources
