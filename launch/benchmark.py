@@ -33,6 +33,7 @@ _FIGURES = flags.DEFINE_list('figures', ['infer_b1', 'infer_b8', 'train_b4_512',
                              'Figures to measure.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repetitions per figure.')
 _MODEL = flags.DEFINE_enum('model', 'lunet_ra', ['lunet', 'lunet_ra'], 'Which coarse model.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype (config.model.dtype).')
 
 
 def _median_time(fn, repeats):
@@ -52,7 +53,7 @@ def _memory_mb(compiled):
     return None
 
 
-def measure(impl, figure, repeats, model_name):
+def measure(impl, figure, repeats, model_name, dtype='float32'):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -62,6 +63,7 @@ def measure(impl, figure, repeats, model_name):
   config = base.get_config()
   config.model.name = model_name
   config.model.impl = impl
+  config.model.dtype = dtype
   rng = np.random.default_rng(0)
   if figure == 'flops':
     model = coarse.create_model(config.model)
@@ -112,7 +114,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   results = {'jax': jax.__version__, 'backend': jax.default_backend(),
              'device': str(jax.devices()[0].device_kind), 'cpu_count': __import__('os').cpu_count(),
-             'machine': platform.machine(), 'model': _MODEL.value, 'repeats': _REPEATS.value,
+             'machine': platform.machine(), 'model': _MODEL.value, 'dtype': _DTYPE.value, 'repeats': _REPEATS.value,
              'command': 'python launch/benchmark.py ' + ' '.join(sys.argv[1:]), 'figures': {}}
   out = pathlib.Path(_OUT.value) if _OUT.value else None
   if out and out.exists() and not _OVERWRITE.value:
@@ -120,7 +122,7 @@ def main(argv):
   print(f"{'impl':<10} {'figure':<16} {'time':>10} {'img/s':>8} {'compile':>9} {'XLA MB':>8}")
   for impl in _IMPLS.value:
     for figure in _FIGURES.value:
-      r = measure(impl, figure, _REPEATS.value, _MODEL.value)
+      r = measure(impl, figure, _REPEATS.value, _MODEL.value, _DTYPE.value)
       results['figures'][f'{impl}/{figure}'] = r
       if figure == 'flops':
         print(f"{impl:<10} {figure:<16} {r['xla_gflop_per_image']:>7.1f} GFLOP/image (XLA count), "
