@@ -31,9 +31,6 @@ def _normal(seed, shape):
                      jnp.float32)
 
 
-_assert_close = assert_close  # conftest: max error relative to the expected magnitude
-
-
 def _cond(seed=1):
   """A condition pytree with leaves of different shapes, leading dim B."""
   batch, h, w, channels = LATENT_SHAPE
@@ -133,20 +130,20 @@ def test_q_sample_matches_formula_and_inverts(schedule):
   abar = abar[:, None, None, None]
   expected = np.sqrt(abar) * np.asarray(z0) + np.sqrt(1 - abar) * np.asarray(
       noise)
-  _assert_close(z_t, expected, rtol=1e-6)
-  _assert_close(schedule_lib.predict_x0(schedule, z_t, t, noise), z0,
-                rtol=1e-5)
-  _assert_close(schedule_lib.predict_eps(schedule, z_t, t, z0), noise,
-                rtol=1e-4)
+  assert_close(z_t, expected, rtol=1e-6)
+  assert_close(schedule_lib.predict_x0(schedule, z_t, t, noise), z0,
+               rtol=1e-5)
+  assert_close(schedule_lib.predict_eps(schedule, z_t, t, z0), noise,
+               rtol=1e-4)
 
 
 def test_predict_x0_and_eps_are_inverse(schedule):
   z_t, eps = _normal(2, LATENT_SHAPE), _normal(3, LATENT_SHAPE)
   t = jnp.array([100, 900], jnp.int32)
   x0 = schedule_lib.predict_x0(schedule, z_t, t, eps)
-  _assert_close(schedule_lib.predict_eps(schedule, z_t, t, x0), eps,
-                rtol=1e-4)
-  _assert_close(schedule_lib.q_sample(schedule, x0, t, eps), z_t, rtol=1e-5)
+  assert_close(schedule_lib.predict_eps(schedule, z_t, t, x0), eps,
+               rtol=1e-4)
+  assert_close(schedule_lib.q_sample(schedule, x0, t, eps), z_t, rtol=1e-5)
 
 
 def test_ddim_timesteps():
@@ -176,7 +173,7 @@ def test_scan_sampler_equals_loop(schedule, eta, start_index):
   loop = sampler_lib.ddim_sample_loop(*args, eta=eta,
                                       start_index=start_index)
   assert scan.shape == LATENT_SHAPE and scan.dtype == jnp.float32
-  _assert_close(scan, loop, rtol=1e-5)
+  assert_close(scan, loop, rtol=1e-5)
   assert np.all(np.isfinite(scan))
   if eta == 0.0:  # deterministic: the key does not matter
     other = sampler_lib.ddim_sample(eps_fn, schedule, cond, z_start, 10,
@@ -200,7 +197,7 @@ def test_scan_sampler_jits_with_static_settings(schedule):
   loop = sampler_lib.ddim_sample_loop(eps_fn, schedule, cond, z_start, 6,
                                       jax.random.key(0), eta=0.3,
                                       start_index=4)
-  _assert_close(jitted, loop, rtol=1e-5)
+  assert_close(jitted, loop, rtol=1e-5)
 
 
 @pytest.mark.parametrize('sample', [sampler_lib.ddim_sample,
@@ -224,7 +221,7 @@ def test_eta_noise_follows_the_ddim_sigma(schedule, sample):
                                        LATENT_SHAPE), np.float64)
   expected = (np.asarray(z_start, np.float64) / math.sqrt(abar_1)
               + sigma * noise / math.sqrt(abar_0))
-  _assert_close(out, expected, rtol=1e-5)
+  assert_close(out, expected, rtol=1e-5)
 
 
 def test_start_index_zero_returns_one_step_x0(schedule):
@@ -236,7 +233,7 @@ def test_start_index_zero_returns_one_step_x0(schedule):
   t = jnp.zeros(LATENT_SHAPE[0], jnp.int32)
   expected = schedule_lib.predict_x0(schedule, z_start, t,
                                      eps_fn(z_start, t, cond))
-  _assert_close(out, expected, rtol=1e-6)
+  assert_close(out, expected, rtol=1e-6)
 
 
 def test_guidance_scale_zero_is_the_conditional_model():
@@ -257,7 +254,7 @@ def test_guidance_formula(scale):
   eps_c = denoise_fn(z_t, t, cond, jnp.zeros(2, bool))
   eps_u = denoise_fn(z_t, t, cond, jnp.ones(2, bool))
   assert float(jnp.max(jnp.abs(eps_c - eps_u))) > 1e-2  # drop_image matters
-  _assert_close(guided, eps_c + scale * (eps_c - eps_u), rtol=1e-5)
+  assert_close(guided, eps_c + scale * (eps_c - eps_u), rtol=1e-5)
 
 
 @pytest.mark.parametrize('scale', [0.0, 2.0])
@@ -323,12 +320,12 @@ def test_strength_start(schedule):
     assert isinstance(start_index, int)
     t = jnp.full(LATENT_SHAPE[0], timesteps[expected_index], jnp.int32)
     noise = jax.random.normal(key, LATENT_SHAPE)
-    _assert_close(z_start, schedule_lib.q_sample(schedule, z_coarse, t, noise),
-                  rtol=1e-6)
+    assert_close(z_start, schedule_lib.q_sample(schedule, z_coarse, t, noise),
+                 rtol=1e-6)
   # Low strength keeps the coarse latent nearly intact.
   z_start, _ = sampler_lib.strength_start(schedule, z_coarse,
                                           num_sample_steps, 0.01, key)
-  _assert_close(z_start, z_coarse, rtol=1e-2)
+  assert_close(z_start, z_coarse, rtol=1e-2)
 
 
 def test_oracle_from_strength_start_recovers_z0(schedule):
@@ -358,7 +355,7 @@ def test_sample_ensemble_equals_sequential_samples(schedule):
   assert ensemble.shape == (3,) + LATENT_SHAPE
   single = jax.jit(sample_fn)
   sequential = jnp.stack([single(keys[k]) for k in range(3)])
-  _assert_close(ensemble, sequential, rtol=1e-5)
+  assert_close(ensemble, sequential, rtol=1e-5)
   assert float(jnp.max(jnp.abs(ensemble[0] - ensemble[1]))) > 1e-2
 
 

@@ -6,24 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vesseljax.models import layers
+from conftest import assert_close
 
-RTOL = 1e-5
+from vesseljax.models import layers
 
 
 def _normal(seed, shape, dtype=jnp.float32):
   # numpy, not jax.random: threefry compiles anew per shape (~1 s on CPU).
   rng = np.random.default_rng(seed)
   return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
-
-
-def _assert_close(actual, expected, rtol=RTOL):
-  """Max abs error within rtol of the reference's max magnitude."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
-  scale = max(float(np.max(np.abs(expected))), 1e-12)
-  err = float(np.max(np.abs(actual - expected)))
-  assert err <= rtol * scale, f'max error {err:.3g} > {rtol} * {scale:.3g}'
 
 
 def _vjps(fn, args, seed=100):
@@ -44,9 +35,9 @@ def test_depthwise_shifted_equals_reference(shape):
   x, k = _normal(0, shape), _normal(1, (3, 3, shape[-1]))
   out, (dx, dk) = _vjps(layers.depthwise_conv3x3_shifted, (x, k))
   ref, (dx_ref, dk_ref) = _vjps(layers.depthwise_conv3x3_reference, (x, k))
-  _assert_close(out, ref)
-  _assert_close(dx, dx_ref)
-  _assert_close(dk, dk_ref)
+  assert_close(out, ref)
+  assert_close(dx, dx_ref)
+  assert_close(dk, dk_ref)
 
 
 def test_depthwise_kernel_grad_in_row_blocks(monkeypatch):
@@ -56,8 +47,8 @@ def test_depthwise_kernel_grad_in_row_blocks(monkeypatch):
   x, k = _normal(2, (2, 8, 6, 4)), _normal(3, (3, 3, 4))
   _, (dx, dk) = _vjps(layers.depthwise_conv3x3_shifted, (x, k))
   _, (dx_ref, dk_ref) = _vjps(layers.depthwise_conv3x3_reference, (x, k))
-  _assert_close(dx, dx_ref)
-  _assert_close(dk, dk_ref)
+  assert_close(dx, dx_ref)
+  assert_close(dk, dk_ref)
 
 
 def test_rows_per_block_divides_height():
@@ -73,20 +64,20 @@ def test_depthwise_shifted_under_jit_grad():
   g = jax.jit(jax.grad(loss(layers.depthwise_conv3x3_shifted), (0, 1)))(x, k)
   g_ref = jax.grad(loss(layers.depthwise_conv3x3_reference), (0, 1))(x, k)
   for a, b in zip(g, g_ref):
-    _assert_close(a, b)
+    assert_close(a, b)
 
 
 def test_pointwise_dense_equals_conv1x1():
   x, k, b = _normal(6, (2, 4, 5, 3)), _normal(7, (3, 6)), _normal(8, (6,))
   out, grads = _vjps(layers.pointwise_dense, (x, k, b))
   ref, grads_ref = _vjps(layers.pointwise_reference, (x, k, b))
-  _assert_close(out, ref)
+  assert_close(out, ref)
   for a, r in zip(grads, grads_ref):
-    _assert_close(a, r)
+    assert_close(a, r)
   # The reference form is what a 1x1 nn.Conv computes with kernel[None, None].
   conv = nn.Conv(6, (1, 1)).apply(
       {'params': {'kernel': k[None, None], 'bias': b}}, x)
-  _assert_close(conv, ref)
+  assert_close(conv, ref)
   np.testing.assert_allclose(layers.pointwise_dense(x, k), out - b,
                              rtol=1e-5, atol=1e-6)
 
@@ -97,18 +88,18 @@ def test_pointwise_kernel_grad_in_row_blocks(monkeypatch):
   _, grads = _vjps(layers.pointwise_dense, (x, k, b))
   _, grads_ref = _vjps(layers.pointwise_reference, (x, k, b))
   for a, r in zip(grads, grads_ref):
-    _assert_close(a, r)
+    assert_close(a, r)
 
 
 def test_conv3x3_im2col_equals_conv():
   x, k = _normal(9, (2, 6, 5, 2)), _normal(10, (3, 3, 2, 4))
   out, grads = _vjps(layers.conv3x3_im2col, (x, k))
   ref, grads_ref = _vjps(layers.conv3x3_reference, (x, k))
-  _assert_close(out, ref)
+  assert_close(out, ref)
   for a, r in zip(grads, grads_ref):
-    _assert_close(a, r)
+    assert_close(a, r)
   conv = nn.Conv(4, (3, 3), use_bias=False).apply({'params': {'kernel': k}}, x)
-  _assert_close(conv, ref)
+  assert_close(conv, ref)
 
 
 @pytest.mark.parametrize('shape', [(2, 4, 4, 3), (1, 3, 5, 2), (1, 1, 2, 1)])
@@ -169,8 +160,8 @@ def test_modules_share_params_and_agree(module_fn):
   loss = lambda m: lambda p: jnp.sum(jnp.tanh(m.apply({'params': p}, x)))
   val, g = jax.jit(jax.value_and_grad(loss(fast)))(params)
   val_ref, g_ref = jax.jit(jax.value_and_grad(loss(ref)))(params)
-  _assert_close(val, val_ref)
-  jax.tree.map(_assert_close, g, g_ref)
+  assert_close(val, val_ref)
+  jax.tree.map(assert_close, g, g_ref)
 
 
 def test_separable_conv_param_layout():
@@ -191,10 +182,10 @@ def test_conv_norm_act_train_and_eval_agree_across_impls():
       jax.random.key(1), x, train=False)
   out, upd = fast.apply(v, x, train=True, mutable=['batch_stats'])
   out_ref, upd_ref = ref.apply(v, x, train=True, mutable=['batch_stats'])
-  _assert_close(out, out_ref)
-  jax.tree.map(_assert_close, upd, upd_ref)
+  assert_close(out, out_ref)
+  jax.tree.map(assert_close, upd, upd_ref)
   assert float(out.min()) >= 0.0
-  _assert_close(fast.apply(v, x, train=False), ref.apply(v, x, train=False))
+  assert_close(fast.apply(v, x, train=False), ref.apply(v, x, train=False))
 
 
 def test_bfloat16_compute():

@@ -26,9 +26,6 @@ def _image(seed, shape):
   return jnp.asarray(np.random.default_rng(seed).random(shape, np.float32))
 
 
-_assert_close = assert_close  # conftest: max error relative to the expected magnitude
-
-
 pytestmark = pytest.mark.usefixtures('fast_compiles')  # conftest: XLA optimisations off
 
 
@@ -104,7 +101,7 @@ def test_fast_equals_reference_float64(reverse_attention):
   """
   fast = _results(reverse_attention, 'fast', 'float64')
   ref = _results(reverse_attention, 'reference', 'float64')
-  jax.tree.map(functools.partial(_assert_close, rtol=1e-9), fast, ref)
+  jax.tree.map(functools.partial(assert_close, rtol=1e-9), fast, ref)
   grads = fast[-1]
   assert all(np.max(np.abs(g)) > 0 for g in jax.tree.leaves(grads))
 
@@ -114,7 +111,7 @@ def test_float32_matches_float64(impl):
   """Each form in float32 is within float32 accuracy of the exact function."""
   *outputs, grads = _results(True, impl, 'float32')
   *outputs_ref, grads_ref = _results(True, 'reference', 'float64')
-  jax.tree.map(functools.partial(_assert_close, rtol=1e-4), outputs,
+  jax.tree.map(functools.partial(assert_close, rtol=1e-4), outputs,
                outputs_ref)
   flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])
   g, g_ref = flat(grads), flat(grads_ref)
@@ -159,7 +156,7 @@ def test_default_widths_fast_equals_reference_forward():
   variables = _random_variables(lunet_lib.lunet_ra(), x.shape)
   outs = [_jit_eval(lunet_lib.lunet_ra(impl=impl))(variables, x)
           for impl in ('fast', 'reference')]
-  jax.tree.map(functools.partial(_assert_close, rtol=2e-5), *outs)
+  jax.tree.map(functools.partial(assert_close, rtol=2e-5), *outs)
 
 
 def _abstract_params(model):
@@ -224,7 +221,7 @@ def test_norm_axis_name_pools_batch_statistics():
       lambda x: apply_train(
           lunet_lib.lunet_ra(norm_axis_name='batch', **cfg), x),
       axis_name='batch'))(x.reshape(2, 2, 16, 16, 1))
-  _assert_close(sharded[0]['logits'].reshape(4, 16, 16, 1),
-                whole[0]['logits'], rtol=1e-4)
+  assert_close(sharded[0]['logits'].reshape(4, 16, 16, 1),
+               whole[0]['logits'], rtol=1e-4)
   stats = jax.tree.map(lambda a: a[0], sharded[1])  # Same on every shard.
-  jax.tree.map(functools.partial(_assert_close, rtol=1e-4), stats, whole[1])
+  jax.tree.map(functools.partial(assert_close, rtol=1e-4), stats, whole[1])
