@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Trains and evaluates the coarse models of the issue-3 table on this CPU, one
-# run after another (one XLA process uses both cores; two at once are no faster).
+# run after another (one training process already keeps both cores busy).
 #
 #   bash launch/cpu_coarse.sh                 # every run below, in this order
 #   ONLY="chase_lunet hrf512_lunet_ra" bash launch/cpu_coarse.sh
 #
 # Each run trains in $RUNS/<run> (800 steps of 16x128x128 patches, ~45 min on
 # the 2-core CPU) and resumes from its Orbax checkpoint when started again, so
-# the script can be stopped at any point and rerun; a finished run only
-# re-evaluates (refusing to overwrite eval_test.json, which is then kept).
+# the script can be stopped at any point and rerun; an evaluation whose
+# eval_test.json exists is skipped (delete the file to redo it).
 # LU-Net runs are compared (paired Wilcoxon) with the LU-Net+RA run of their
 # dataset; the `_flips4` evaluations average 4 mirror images at test time.
 set -u
