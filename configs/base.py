@@ -122,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.batch_size = 8
   config.diffusion.log_every = 20
   config.diffusion.checkpoint_every = 100
+  # > 0: each of train_autoencoder / train_refiner stops (checkpointed, then exported)
+  # after this many seconds of training, e.g. inside a lent GPU's time.
+  config.diffusion.max_train_seconds = 0.0
 
   # ---- sampling ----
   config.sample = ml_collections.ConfigDict()

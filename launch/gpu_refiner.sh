@@ -1,36 +1,161 @@
 #!/usr/bin/env bash
-# Trains the refiner (mask autoencoder, then image encoder + denoiser) for one
-# dataset on one GPU and exports params-only weights.
+# The whole DRIVE refiner table on ONE GPU inside a fixed wall-clock budget:
+# out-of-fold coarse maps, mask autoencoders, the refiner and its ablations,
+# then their evaluation on the test split.
 #
-#   DATA=/path/to/datasets MAPS=a.npz,b.npz,... RUNS=/tmp/runs OUT=/tmp/out bash launch/gpu_refiner.sh
+#   DATA=/path/to/datasets RUNS=/tmp/runs OUT=/tmp/out bash launch/gpu_refiner.sh
 #
-# MAPS: the holdout_maps.npz files of the k-fold coarse runs (launch/gpu_coarse.sh
-# writes them); empty trains on the degradation model instead. CONFIG (default
-# configs/drive.py), AE_STEPS, STEPS and EXTRA (more --config overrides) as named.
-# Outputs in OUT: autoencoder.msgpack(.json), refiner.msgpack(.json), refiner_runs.tgz.
+# Phase A (t = 0, in parallel):
+#   fold{0..3}  LU-Net+RA without one of 4 folds of DRIVE train (FOLD_STEPS
+#               steps), then --mode=holdout: the out-of-fold coarse maps
+#   ae4, ae64   the mask autoencoder at C = 4 and C = 64 (AE_STEPS steps or
+#               until AE_END seconds, whichever comes first)
+# Phase B (once the maps and ae4 exist; each trains until TRAIN_END seconds,
+#   diffusion.max_train_seconds, or STEPS steps):
+#   oof         the refiner on the out-of-fold maps (the main row)
+#   degrade     ... on the degradation model instead (the alternative source)
+#   noimage, nora, noedge, nodice   oof without image conditioning / RA map /
+#               edge loss / Dice loss
+#   c64         oof with the C = 64 autoencoder
+# Phase C (each refiner once trained; until END seconds): --mode=evaluate_refined
+#   on the test split with the committed coarse model (COARSE), every variant at
+#   DDIM 20 (k = 5); the main row also at 50, the sweep steps and start=coarse.
+#   All evaluations run at once; whatever finishes by END is kept.
+# If the out-of-fold maps are missing at FOLD_WAIT seconds, every variant uses
+# the degradation model (the log says so).
+#
+# Outputs in OUT: refiner_oof.msgpack, refiner_degrade.msgpack (params-only EMA
+# weights), refiner_runs.tgz (sidecars, autoencoders, metrics, evaluation JSON
+# and markdown, holdout maps, logs). The small variants stay in RUNS.
 set -u
 DATA=${DATA:-../shared/datasets}
-RUNS=${RUNS:-$HOME/runs/gpu}
+RUNS=${RUNS:-$HOME/runs/gpu_refiner}
 OUT=${OUT:-$RUNS/out}
 CONFIG=${CONFIG:-configs/drive.py}
-MAPS=${MAPS:-}
-AE_STEPS=${AE_STEPS:-2000}
-STEPS=${STEPS:-10000}
-EXTRA=${EXTRA:-}
+COARSE=${COARSE:-weights/drive_lunet_ra.msgpack}
+FOLD_STEPS=${FOLD_STEPS:-800}
+AE_STEPS=${AE_STEPS:-3000}
+AE_END=${AE_END:-160}
+STEPS=${STEPS:-6000}
+FOLD_WAIT=${FOLD_WAIT:-200}
+TRAIN_END=${TRAIN_END:-380}
+END=${END:-545}
+VARIANTS=${VARIANTS:-"oof degrade noimage nora noedge nodice c64"}
+MAIN_EVALS=${MAIN_EVALS:-"50 10 30 100 coarse"}  # besides DDIM 20; "coarse" = start=coarse at DDIM 20
+ENSEMBLE=${ENSEMBLE:-5}
+EVAL_IMAGES=${EVAL_IMAGES:-0}                 # 0: the whole test split
+EXTRA=${EXTRA:-}                              # more --config overrides for every refiner command
+COARSE_EXTRA=${COARSE_EXTRA:-}                # ... for the fold runs
 PYTHON=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 mkdir -p "$RUNS" "$OUT"
-W="$RUNS/refiner"
-args=(--config="$CONFIG" --workdir="$W" --config.data.root="$DATA" --config.diffusion.log_every=100
-      --config.diffusion.checkpoint_every=500 --config.diffusion.ae_steps="$AE_STEPS"
-      --config.diffusion.num_steps="$STEPS")
-[ -n "$MAPS" ] && args+=(--config.diffusion.coarse_source=oof --config.diffusion.coarse_maps="$MAPS")
-# shellcheck disable=SC2206
-args+=($EXTRA)
-$PYTHON -m vesseljax.launch --mode=train_autoencoder "${args[@]}" 2>&1 | tee "$RUNS/refiner_ae.log" | grep -v "Delay kernel"
-$PYTHON -m vesseljax.launch --mode=train_refiner "${args[@]}" 2>&1 | tee "$RUNS/refiner.log" | grep -v "Delay kernel"
-for f in autoencoder.msgpack autoencoder.msgpack.json refiner.msgpack refiner.msgpack.json; do
-  [ -f "$W/$f" ] && cp "$W/$f" "$OUT/"
+t0=$(date +%s)
+now() { echo $(( $(date +%s) - t0 )); }
+log() { echo "[gpu_refiner +$(now)s] $*"; }
+left() { local l=$(( $1 - $(now) )); echo $(( l > 1 ? l : 1 )); }
+launch() { $PYTHON -m vesseljax.launch "$@" 2>&1 | grep --line-buffered -v "Delay kernel"; }
+
+$PYTHON -c 'import jax, flax, optax, orbax.checkpoint, ml_collections; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+
+# ---- phase A
+fold_chain() {
+  local k=$1 w="$RUNS/fold$1"
+  # shellcheck disable=SC2086
+  local a=(--config="$CONFIG" --workdir="$w" --config.data.root="$DATA" --config.model.impl=reference
+           --config.data.num_folds=4 --config.data.fold="$k" --config.train.num_steps="$FOLD_STEPS"
+           --config.train.eval_every=400 --config.train.checkpoint_every=400 --config.train.log_every=100 $COARSE_EXTRA)
+  timeout -s INT -k 20 "$(left "$FOLD_WAIT")" $PYTHON -m vesseljax.launch --mode=train "${a[@]}"
+  [ -f "$w/params.msgpack" ] || $PYTHON -m vesseljax.launch --mode=export "${a[@]}"
+  timeout -k 10 "$(left "$FOLD_WAIT")" $PYTHON -m vesseljax.launch --mode=holdout "${a[@]}"
+}
+ae_args() {  # <C> <workdir>
+  # shellcheck disable=SC2206
+  local a=(--config="$CONFIG" --workdir="$2" --config.data.root="$DATA" --config.model.impl=reference
+           --config.diffusion.latent_channels="$1" --config.diffusion.ae_steps="$AE_STEPS"
+           --config.diffusion.max_train_seconds="$(left "$AE_END")" --config.diffusion.log_every=250
+           --config.diffusion.checkpoint_every=1000 $EXTRA)
+  echo "${a[@]}"
+}
+for k in 0 1 2 3; do fold_chain "$k" > "$RUNS/fold$k.log" 2>&1 & done
+# shellcheck disable=SC2046
+launch --mode=train_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/ae4.log" &
+ae4_pid=$!
+if [[ " $VARIANTS " == *" c64 "* ]]; then
+  # shellcheck disable=SC2046
+  launch --mode=train_autoencoder $(ae_args 64 "$RUNS/ae64") > "$RUNS/ae64.log" &
+  ae64_pid=$!
+fi
+wait "$ae4_pid"; log "ae4 done: $(grep -ho 'exported.*' "$RUNS/ae4.log" | tail -n 1)"
+# Reconstruction Dice of the test labels, for each autoencoder once trained.
+# shellcheck disable=SC2046
+(launch --mode=evaluate_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/eval_ae4.log"
+ while kill -0 "${ae64_pid:-0}" 2>/dev/null; do sleep 2; done
+ [ -f "$RUNS/ae64/autoencoder.msgpack" ] &&
+   launch --mode=evaluate_autoencoder $(ae_args 64 "$RUNS/ae64") > "$RUNS/eval_ae64.log") &
+while [ "$(now)" -lt "$FOLD_WAIT" ] && [ "$(ls "$RUNS"/fold*/holdout_maps.npz 2>/dev/null | wc -l)" -lt 4 ]; do sleep 2; done
+MAPS=$(ls "$RUNS"/fold*/holdout_maps.npz 2>/dev/null | paste -sd, -)
+if [ "$(echo "$MAPS" | tr ',' '\n' | grep -c npz)" -eq 4 ]; then
+  SOURCE=(--config.diffusion.coarse_source=oof --config.diffusion.coarse_maps="$MAPS")
+  log "out-of-fold maps: $MAPS"
+else
+  SOURCE=(--config.diffusion.coarse_source=degrade)
+  log "out-of-fold maps missing at ${FOLD_WAIT}s ($MAPS): every variant uses the degradation model"
+  tail -n 5 "$RUNS"/fold*.log
+fi
+
+# ---- phase B then C, one chain per variant
+refiner_args() {  # <variant> -> the variant's config flags
+  local v=$1 ae="$RUNS/ae4/autoencoder.msgpack" c=4 src=("${SOURCE[@]}") more=()
+  case $v in
+    degrade) src=(--config.diffusion.coarse_source=degrade) ;;
+    noimage) more=(--config.diffusion.use_image=False) ;;
+    nora) more=(--config.diffusion.use_ra=False) ;;
+    noedge) more=(--config.diffusion.edge_weight=0.0) ;;
+    nodice) more=(--config.diffusion.dice_weight=0.0) ;;
+    c64) ae="$RUNS/ae64/autoencoder.msgpack"; c=64 ;;
+  esac
+  # shellcheck disable=SC2206
+  echo --config="$CONFIG" --workdir="$RUNS/$v" --config.data.root="$DATA" --config.model.impl=reference \
+    --config.diffusion.autoencoder_checkpoint="$ae" --config.diffusion.latent_channels=$c \
+    --config.diffusion.num_steps="$STEPS" --config.diffusion.log_every=250 \
+    --config.diffusion.checkpoint_every=1000 --config.diffusion.coarse_checkpoint="$COARSE" \
+    --config.eval.max_images="$EVAL_IMAGES" --config.sample.ensemble="$ENSEMBLE" "${src[@]}" "${more[@]}" $EXTRA
+}
+evaluate() {  # <variant> <steps> [more flags]: one evaluate_refined, bounded by END
+  local v=$1 n=$2; shift 2
+  # shellcheck disable=SC2046
+  timeout -k 5 "$(left "$END")" $PYTHON -m vesseljax.launch --mode=evaluate_refined $(refiner_args "$v") \
+    --config.sample.steps="$n" "$@" > "$RUNS/eval_${v}_$n$*.log" 2>&1
+}
+variant_chain() {
+  local v=$1
+  if [ "$v" = c64 ]; then  # ae64 is a sibling, not a child: poll it
+    while kill -0 "${ae64_pid:-0}" 2>/dev/null && [ "$(now)" -lt "$TRAIN_END" ]; do sleep 2; done
+  fi
+  # shellcheck disable=SC2046
+  launch --mode=train_refiner $(refiner_args "$v") --config.diffusion.max_train_seconds="$(left "$TRAIN_END")"
+  evaluate "$v" 20 &
+  if [ "$v" = oof ]; then
+    for e in $MAIN_EVALS; do
+      if [ "$e" = coarse ]; then evaluate "$v" 20 --config.sample.start=coarse &
+      else evaluate "$v" "$e" & fi
+    done
+  fi
+  wait
+}
+for v in $VARIANTS; do variant_chain "$v" > "$RUNS/$v.log" 2>&1 & done
+while [ -n "$(jobs -rp)" ] && [ "$(now)" -lt "$END" ]; do
+  sleep 20
+  log "$(for v in $VARIANTS; do printf '%s:%s ' "$v" "$(grep -o 'step [0-9]*/' "$RUNS/$v.log" 2>/dev/null | tail -n 1 | tr -dc 0-9)"; done)" \
+      "evals done: $(ls "$RUNS"/*/eval_refined_*.json 2>/dev/null | wc -l)"
 done
-(cd "$RUNS" && tar czf "$OUT/refiner_runs.tgz" ./refiner*.log ./refiner/*.jsonl ./refiner/config.json)
+log "collecting"
+for v in oof degrade; do
+  [ -f "$RUNS/$v/refiner.msgpack" ] && cp "$RUNS/$v/refiner.msgpack" "$OUT/refiner_$v.msgpack"
+done
+(cd "$RUNS" && tar czf "$OUT/refiner_runs.tgz" ./*.log ./*/*.msgpack.json ./ae*/autoencoder.msgpack \
+   ./*/*.jsonl ./*/eval_refined_* ./ae*/eval_autoencoder_* ./fold*/holdout_maps.npz 2>/dev/null)
 ls -la "$OUT"
+grep -h "^| " "$RUNS"/*/eval_refined_*.md 2>/dev/null | grep -v "\-\-\-" | sort -u | head -n 40
+log "done"

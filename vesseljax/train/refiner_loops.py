@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
 from typing import Callable, Optional
 
 import jax
@@ -43,9 +44,16 @@ def _sampler(config, data, batch_size: int) -> pipeline.PatchSampler:
 
 
 def _run(step_fn: Callable, state, sampler, ckpt: state_lib.Checkpoints, progress: loops.Progress,
-         num_steps: int, log_every: int, checkpoint_every: int, key: jax.Array, *extra):
-  """The shared loop: step, NaN check, log, checkpoint; returns the final state."""
+         num_steps: int, log_every: int, checkpoint_every: int, key: jax.Array, *extra,
+         max_seconds: float = 0.0):
+  """The shared loop: step, NaN check, log, checkpoint; returns the final state.
+
+  max_seconds > 0 stops the run after that many seconds of this process's
+  training (checked after each step; the state is checkpointed), so a run with
+  a wall-clock budget (a lent GPU) still ends with an exportable state.
+  """
   history = []
+  t0 = time.time()
   try:
     for step in range(int(state.step), num_steps):
       batch = pipeline.host_shard(sampler.batch(step))
@@ -61,8 +69,15 @@ def _run(step_fn: Callable, state, sampler, ckpt: state_lib.Checkpoints, progres
       if done % log_every == 0 or done == num_steps:
         progress.write(done, jax.tree.map(lambda *x: np.mean(x), *history))
         history = []
-      if done % checkpoint_every == 0 or done == num_steps:
+      out_of_time = max_seconds > 0 and time.time() - t0 > max_seconds
+      if out_of_time and history:
+        progress.write(done, jax.tree.map(lambda *x: np.mean(x), *history))
+      if done % checkpoint_every == 0 or done == num_steps or out_of_time:
         ckpt.save(state)
+      if out_of_time:
+        log.warning('%s: stopped at step %d of %d after %.0f s (diffusion.max_train_seconds)',
+                    progress.what, done, num_steps, time.time() - t0)
+        break
   finally:
     ckpt.wait()
   return state
@@ -118,14 +133,14 @@ def train_autoencoder(config, workdir: str | pathlib.Path,
   step_fn = refiner.make_autoencoder_step(ae, loops.make_augment_fn(config))
   progress = loops.Progress(workdir, d.ae_steps, int(state.step), 'autoencoder')
   state = _run(step_fn, state, sampler, ckpt, progress, d.ae_steps, d.log_every, d.checkpoint_every,
-               jax.random.fold_in(jax.random.key(config.seed), 11))
+               jax.random.fold_in(jax.random.key(config.seed), 11), max_seconds=d.max_train_seconds)
   ckpt.close()
   probe = sampler.batch(10**6)  # a fixed set of tiles, not a training batch
   scale = latent_scale_of(ae, state.params, probe['label'])
   recon = jax.jit(lambda p, m: refiner.autoencoder_loss(ae, p, m)[1])(state.params, jnp.asarray(probe['label']))
   path = coarse.write_params(autoencoder_path(config, workdir), {'params': state.params}, spec, {
-      'latent_scale': scale, 'steps_trained': int(state.step), 'dataset': config.data.name,
-      'train_tile_recon_dice': float(jnp.mean(recon['dice_soft']))})
+      'latent_scale': scale, 'steps_trained': int(state.step), 'steps_planned': int(d.ae_steps),
+      'dataset': config.data.name, 'train_tile_recon_dice': float(jnp.mean(recon['dice_soft']))})
   log.info('exported %s (latent scale %.4f, train-tile soft Dice %.4f)', path, scale,
            float(jnp.mean(recon['dice_soft'])))
   return path
@@ -182,12 +197,14 @@ def train_refiner(config, workdir: str | pathlib.Path,
   step_fn = refiner.make_refiner_step(config, models, schedule, scale, loops.make_augment_fn(config))
   progress = loops.Progress(workdir, d.num_steps, int(state.step), 'refiner')
   state = _run(step_fn, state, _sampler(config, data, d.batch_size), ckpt, progress, d.num_steps,
-               d.log_every, d.checkpoint_every, jax.random.fold_in(jax.random.key(config.seed), 13), ae_params)
+               d.log_every, d.checkpoint_every, jax.random.fold_in(jax.random.key(config.seed), 13), ae_params,
+               max_seconds=d.max_train_seconds)
   ckpt.close()
   path = coarse.write_params(workdir / 'refiner.msgpack', {'params': state.ema_params}, refiner.refiner_spec(d), {
       'autoencoder_hash': ae_sidecar['model_hash'], 'latent_scale': scale,
       'coarse_hash': coarse.spec_hash(coarse.model_spec(config.model)), 'coarse_source': d.coarse_source,
-      'steps_trained': int(state.step), 'dataset': config.data.name, 'ema_decay': d.ema_decay,
+      'steps_trained': int(state.step), 'steps_planned': int(d.num_steps), 'dataset': config.data.name,
+      'ema_decay': d.ema_decay,
       'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra)})
   log.info('exported %s (EMA params, step %d)', path, int(state.step))
   return path
