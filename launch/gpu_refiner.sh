@@ -26,7 +26,7 @@
 # the cost and concurrent processes multiply it. Six processes at once (4 folds,
 # 2 autoencoders) got no fold past its first 100 steps in 200 s; seven refiner
 # processes at once each took ~205 s to compile their first step. One refiner
-# process alone: ~40 s to compile, then ~16-20 steps/s at batch 8. Hence
+# process alone: ~45 s to compile, then ~20-25 steps/s at batch 8. Hence
 # MAX_PARALLEL variant chains at a time (default 2), the folds one after
 # another, and a persistent compilation cache; the default VARIANTS is
 # "oof degrade" and the ablations need a longer budget than ~10 minutes. This
