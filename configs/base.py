@@ -125,6 +125,9 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: each of train_autoencoder / train_refiner stops (checkpointed, then exported)
   # after this many seconds of training, e.g. inside a lent GPU's time.
   config.diffusion.max_train_seconds = 0.0
+  # --mode=evaluate_autoencoder reconstructs 'label' (the test labels) or 'coarse'
+  # (the coarse model's maps: the output of a refiner that learned the identity).
+  config.diffusion.ae_eval_input = 'label'
 
   # ---- sampling ----
   config.sample = ml_collections.ConfigDict()

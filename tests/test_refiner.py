@@ -321,3 +321,28 @@ def test_evaluate_autoencoder_scores_reconstructions_at_native_size(trained):
   want = metrics.image_metrics(preprocess.to_native(np.asarray(recon), tests[0].label.shape), tests[0].label,
                                tests[0].fov, 0.5)
   assert result['rows'][0]['dice'] == pytest.approx(want['dice'], abs=1e-6)
+
+
+def test_evaluate_autoencoder_on_coarse_maps_pairs_them_with_the_coarse_rows(trained):
+  config, workdir = trained
+  config = copy.deepcopy(config)
+  config.diffusion.ae_eval_input = 'coarse'  # the coarse model is the workdir's params.msgpack
+  result = stages.evaluate_autoencoder(config, workdir, overwrite=True)
+  assert (workdir / 'eval_autoencoder_test_coarse.json').is_file()
+  tests = _samples(config, 'test')
+  from vesseljax import predict  # pylint: disable=g-import-not-at-top
+  coarse_model = predict.CoarsePredictor(workdir / 'params.msgpack', config.data, config.model.impl)
+  prob, _ = coarse_model.maps(coarse_model.preprocess(tests[0].image))
+  want_coarse = metrics.image_metrics(preprocess.to_native(prob, tests[0].label.shape), tests[0].label,
+                                      tests[0].fov, 0.5)
+  assert result['meta']['coarse_rows'][0]['dice'] == pytest.approx(want_coarse['dice'], abs=1e-6)
+  sidecar, variables = refiner.load_checked(workdir / 'autoencoder.msgpack', 'mask_autoencoder')
+  ae = refiner.create_autoencoder(sidecar['model'])
+  recon = jax.nn.sigmoid(ae.apply(variables, jnp.asarray(prob)[None, ..., None]))[0, ..., 0]
+  want = metrics.image_metrics(preprocess.to_native(np.asarray(recon), tests[0].label.shape), tests[0].label,
+                               tests[0].fov, 0.5)
+  assert result['rows'][0]['dice'] == pytest.approx(want['dice'], abs=1e-6)
+  assert result['meta']['wilcoxon_vs_coarse']['n'] == len(tests)
+  config.diffusion.ae_eval_input = 'mask'
+  with pytest.raises(ValueError, match='ae_eval_input'):
+    stages.evaluate_autoencoder(config, workdir, overwrite=True)

@@ -219,34 +219,57 @@ def evaluate_autoencoder(config, workdir: pathlib.Path, command: str = '', overw
   the reconstruction is resized back to native size and scored against the
   native label inside the FOV (threshold eval.threshold), as any prediction.
   Writes `<workdir>/eval_autoencoder_<split>.json`.
+
+  With `diffusion.ae_eval_input='coarse'` the input is instead the coarse
+  model's probability map (diffusion.coarse_checkpoint, else the workdir's
+  params.msgpack): what a refiner that learned the identity would output. The
+  rows are then paired with the coarse map's own (Wilcoxon) and the file is
+  `eval_autoencoder_<split>_coarse.json`.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from vesseljax.data import refine_data  # pylint: disable=g-import-not-at-top
   from vesseljax.train import refiner, refiner_loops  # pylint: disable=g-import-not-at-top
-  split = config.eval.split
-  out_json = workdir / f'eval_autoencoder_{split}.json'
+  split, source = config.eval.split, config.diffusion.ae_eval_input
+  if source not in ('label', 'coarse'):
+    raise ValueError(f"diffusion.ae_eval_input must be 'label' or 'coarse', got {source!r}")
+  out_json = workdir / f'eval_autoencoder_{split}{"_coarse" if source == "coarse" else ""}.json'
   if out_json.exists() and not overwrite:
     raise FileExistsError(f'{out_json} exists; remove it or pass --overwrite to replace it')
+  coarse_model = None
+  if source == 'coarse':
+    from vesseljax import predict  # pylint: disable=g-import-not-at-top
+    coarse_ckpt = config.diffusion.coarse_checkpoint or checkpoint_path(config, workdir)
+    coarse_model = predict.CoarsePredictor(coarse_ckpt, config.data, config.model.impl)
   path = refiner_loops.autoencoder_path(config, workdir)
   sidecar, variables = refiner.load_checked(path, 'mask_autoencoder')
   ae = refiner.create_autoencoder(sidecar['model'])
   reconstruct = jax.jit(lambda v, m: jax.nn.sigmoid(ae.apply(v, m)))
   size = sources.work_size(config.data)
-  rows = []
+  rows, coarse_rows = [], []
+  thr = config.eval.threshold
   for s in sources.load_samples(config.data, split, tfds_dir(config, workdir)):
-    label, _ = refine_data.label_fov(s, size)
-    recon = np.asarray(reconstruct(variables, jnp.asarray(label, jnp.float32)[None, ..., None]))[0, ..., 0]
+    if coarse_model is None:
+      mask, _ = refine_data.label_fov(s, size)
+    else:
+      mask, _ = coarse_model.maps(coarse_model.preprocess(s.image))
+      coarse_rows.append({'id': s.id, **metrics.image_metrics_both(preprocess.to_native(mask, s.label.shape),
+                                                                   s.label, s.fov, thr)})
+    recon = np.asarray(reconstruct(variables, jnp.asarray(mask, jnp.float32)[None, ..., None]))[0, ..., 0]
     rows.append({'id': s.id, **metrics.image_metrics_both(preprocess.to_native(recon, s.label.shape), s.label,
-                                                           s.fov, config.eval.threshold)})
+                                                           s.fov, thr)})
   summary = metrics.summarize(rows)
   meta = {'dataset': config.data.name, 'split': split, 'method': f'autoencoder C={sidecar["model"]["latent_channels"]}',
           'checkpoint': str(path), 'autoencoder': sidecar, 'working_size_hw': list(size),
-          'protocol': 'label -> encode -> decode at the working size, native resolution, inside FOV',
+          'protocol': f'{source} -> encode -> decode at the working size, native resolution, inside FOV',
           'command': command, 'date': datetime.date.today().isoformat()}
+  if coarse_model is not None:
+    meta.update(coarse_checkpoint=str(coarse_ckpt), coarse_rows=coarse_rows,
+                coarse_summary=metrics.summarize(coarse_rows),
+                wilcoxon_vs_coarse=metrics.wilcoxon(rows, coarse_rows, 'dice'))
   report.write_results(out_json, rows, summary, meta, overwrite=overwrite)
-  log.info('autoencoder reconstruction of %d %s labels: Dice %.4f +- %.4f; wrote %s', len(rows), split,
-           summary['dice']['mean'], summary['dice']['std'], out_json)
+  log.info('autoencoder reconstruction of %d %s %s maps: Dice %.4f +- %.4f; wrote %s', len(rows), split,
+           source, summary['dice']['mean'], summary['dice']['std'], out_json)
   return {'rows': rows, 'summary': summary, 'meta': meta}
 
 
