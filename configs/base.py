@@ -96,8 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.tile_size = 256
   config.diffusion.tile_overlap = 32
   # Where the refiner's coarse masks come from: 'oof' (holdout_maps.npz files of
-  # k-fold coarse runs, listed in coarse_maps) or 'degrade' (a degradation model
-  # of the ground truth; see data/degrade.py).
+  # k-fold coarse runs, listed in coarse_maps), 'degrade' (a degradation model
+  # of the ground truth; see data/degrade.py) or 'oof+degrade' (both).
   config.diffusion.coarse_source = 'degrade'
   config.diffusion.coarse_maps = ''  # comma-separated holdout_maps.npz paths (coarse_source='oof')
   config.diffusion.degrade_variants = 4  # degraded maps per training image ('degrade')
@@ -117,6 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.ae_batch_size = 8
   # Denoiser training.
   config.diffusion.num_steps = 2000
+  # An exported refiner.msgpack to start from (fine-tuning, e.g. a refiner trained
+  # on 'degrade' pairs, then on 'oof+degrade'); same architecture and autoencoder.
+  config.diffusion.init_checkpoint = ''
   config.diffusion.learning_rate = 2e-4
   config.diffusion.warmup_steps = 100
   config.diffusion.batch_size = 8
@@ -139,6 +142,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.ensemble = 5  # k trajectories; mean probability + per-pixel variance
   config.sample.seed = 0
   config.sample.tile_batch = 4  # tiles sampled together
+  # direct: sigmoid(D(z0)) (the paper); residual: logit(p_c) + D(z0) - D(E(p_c)),
+  # so an identity refiner returns the coarse map, not its autoencoder round trip.
+  config.sample.decode = 'direct'
   config.sample.uncertain_variance = 0.01  # uncertainty overlay: pixels at or above this variance
 
   # ---- evaluation / prediction ----

@@ -83,6 +83,24 @@ def test_refiner_dataset_from_out_of_fold_maps(tmp_path):
   config.diffusion.coarse_maps = ''
   with pytest.raises(DataError, match='needs diffusion.coarse_maps'):
     refine_data.refiner_dataset(config, samples)
+  config.diffusion.coarse_source = 'oof+'
+  with pytest.raises(DataError, match="unknown diffusion.coarse_source 'oof\\+'"):
+    refine_data.refiner_dataset(config, samples)
+
+
+def test_mixed_source_is_the_out_of_fold_images_then_the_degraded_ones(tmp_path):
+  config = tiny_refiner_config()
+  samples = _samples(config)
+  _write_holdout(tmp_path / 'a.npz', [s.id for s in samples], (64, 64), 51)
+  config.diffusion.coarse_maps = str(tmp_path / 'a.npz')
+  parts = {}
+  for source in ('oof', 'degrade', 'oof+degrade'):
+    config.diffusion.coarse_source = source
+    parts[source] = refine_data.refiner_dataset(config, samples)
+  mixed, oof, deg = parts['oof+degrade'], parts['oof'], parts['degrade']
+  assert mixed.ids == oof.ids + deg.ids
+  for field in ('images', 'labels', 'fovs'):
+    np.testing.assert_array_equal(getattr(mixed, field), np.concatenate([getattr(oof, field), getattr(deg, field)]))
 
 
 # ---------------------------------------------------------------- steps
@@ -186,6 +204,32 @@ def test_resume_matches_an_uninterrupted_run(trained, tmp_path):
     np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+def test_warm_start_begins_at_the_given_refiner_and_refuses_another_autoencoder(trained, tmp_path):
+  config, workdir = trained
+  for name in ('autoencoder.msgpack', 'autoencoder.msgpack.json'):
+    shutil.copy(workdir / name, tmp_path / name)
+  tuned = copy.deepcopy(config)
+  tuned.diffusion.init_checkpoint = str(workdir / 'refiner.msgpack')
+  tuned.diffusion.learning_rate = 0.0  # no updates: the EMA of constant params is those params
+  tuned.train.weight_decay = 0.0
+  (tmp_path / 'run').mkdir()
+  for name in ('autoencoder.msgpack', 'autoencoder.msgpack.json'):
+    shutil.copy(workdir / name, tmp_path / 'run' / name)
+  refiner_loops.train_refiner(tuned, tmp_path / 'run')
+  sidecar, got = coarse.load_params(tmp_path / 'run' / 'refiner.msgpack')
+  init_sidecar, want = coarse.load_params(workdir / 'refiner.msgpack')
+  assert sidecar['init_hash'] == init_sidecar['model_hash']
+  assert sidecar['init_steps_trained'] == init_sidecar['steps_trained']
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(x, y, atol=1e-7)
+  # The same refiner beside an autoencoder with another latent scale is refused.
+  side = json.loads((tmp_path / 'autoencoder.msgpack.json').read_text())
+  side['latent_scale'] *= 2
+  (tmp_path / 'autoencoder.msgpack.json').write_text(json.dumps(side))
+  with pytest.raises(coarse.CheckpointError, match='refiner.msgpack: trained with autoencoder'):
+    refiner_loops.train_refiner(tuned, tmp_path)
+
+
 def test_time_limit_stops_checkpoints_and_exports_then_resumes(trained, tmp_path):
   config, workdir = trained
   for name in ('autoencoder.msgpack', 'autoencoder.msgpack.json'):
@@ -229,6 +273,25 @@ def test_refined_predictor_maps_and_ensemble(trained):
   assert coarse_start['prob'].shape == s.label.shape
 
 
+def test_residual_decoding_returns_the_coarse_map_when_the_sampler_returns_its_latent(trained, monkeypatch):
+  """With z0 = E(p_c) (a refiner that learned the identity), 'residual' gives p_c back; 'direct' gives D(E(p_c))."""
+  config, workdir = trained
+  config = copy.deepcopy(config)
+  monkeypatch.setattr(refine.sampler, 'ddim_sample', lambda eps_fn, schedule, cond, *a, **k: cond['coarse_latent'])
+  s = _samples(config, 'test')[0]
+  out = {}
+  for decode in refine.DECODES:
+    predictor = _predictor(config, workdir, decode=decode, ensemble=2, start='coarse', strength=0.5)
+    coarse_prob, ra = predictor.coarse.maps(predictor.coarse.preprocess(s.image))
+    rgb = preprocess.preprocess_rgb(s.image, predictor.coarse.work_size)
+    out[decode] = predictor.refine_work(rgb, coarse_prob, ra, s.id)
+  mean, var = out['residual']
+  np.testing.assert_allclose(mean, np.clip(coarse_prob, refine.RESIDUAL_EPS, 1 - refine.RESIDUAL_EPS), atol=2e-5)
+  np.testing.assert_allclose(var, 0.0, atol=1e-10)
+  assert np.abs(out['direct'][0] - coarse_prob).max() > 1e-3  # the round trip is not the identity (tiny models: ~0.01)
+  assert stages.sampling_tag(config).endswith('_k2_residual')
+
+
 def test_tiles_cover_the_image_and_blend_to_the_value_of_equal_tiles():
   assert refine.tile_starts(64, 32, 8) == [0, 24, 32]
   assert refine.tile_starts(20, 32, 8) == [0]
@@ -245,7 +308,7 @@ def test_tiles_cover_the_image_and_blend_to_the_value_of_equal_tiles():
 @pytest.mark.parametrize('field, value, match', [
     ('steps', 0, 'sample.steps'), ('steps', 1001, 'sample.steps'), ('guidance', -1.0, 'guidance'),
     ('guidance', float('nan'), 'guidance'), ('eta', 1.5, 'eta'), ('start', 'middle', 'start'),
-    ('strength', 0.0, 'strength'), ('ensemble', 0, 'ensemble')])
+    ('strength', 0.0, 'strength'), ('ensemble', 0, 'ensemble'), ('decode', 'logit', 'decode')])
 def test_bad_sampling_options_are_refused(field, value, match):
   options = refine.SampleOptions(**{'start': 'coarse', field: value})
   with pytest.raises(ValueError, match=match):

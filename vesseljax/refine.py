@@ -32,6 +32,16 @@ from vesseljax.train import coarse, refiner
 log = logging.getLogger('vesseljax')
 
 
+# How a sampled latent z0 becomes a probability map:
+#   'direct'    sigmoid(D(z0)), the paper;
+#   'residual'  sigmoid(logit(p_c) + D(z0) - D(E(p_c))): the refiner's change of
+#               the decoded logits, added to the coarse map's own logits. A
+#               refiner that returns the coarse latent then returns p_c exactly,
+#               instead of its autoencoder round trip (see BUILD_NOTES.md).
+DECODES = ('direct', 'residual')
+RESIDUAL_EPS = 1e-4  # p_c is clipped to [eps, 1 - eps] before its logit
+
+
 class SamplingError(RuntimeError):
   """Sampling produced non-finite values (the message names the image)."""
 
@@ -47,6 +57,7 @@ class SampleOptions:
   ensemble: int = 5
   seed: int = 0
   tile_batch: int = 4
+  decode: str = 'direct'
 
   @classmethod
   def from_config(cls, sample_config) -> 'SampleOptions':
@@ -69,6 +80,8 @@ class SampleOptions:
         raise ValueError(f'sample.{field}={value}: {e}') from None
     if self.start not in ('noise', 'coarse'):
       raise ValueError(f"sample.start={self.start!r} must be 'noise' or 'coarse'")
+    if self.decode not in DECODES:
+      raise ValueError(f'sample.decode={self.decode!r} must be one of {DECODES}')
     if self.ensemble < 1 or self.tile_batch < 1:
       raise ValueError(f'sample.ensemble={self.ensemble} and sample.tile_batch={self.tile_batch} must be >= 1')
 
@@ -129,6 +142,11 @@ class RefinedPredictor:
       return refiner.denoise(self.models, params, z_t, t, c, drop_image | force_drop)
 
     eps_fn = sampler.guided_eps_fn(denoise_fn, float(o.guidance) if self.use_image else 0.0)
+    decode = lambda z: refiner.decode_logits(self.models['autoencoder'], ae_params, z, self.scale)
+    offset = 0.0
+    if o.decode == 'residual':
+      coarse_prob = jnp.clip(tiles[..., refine_data.COARSE], RESIDUAL_EPS, 1 - RESIDUAL_EPS)
+      offset = jnp.log(coarse_prob) - jnp.log1p(-coarse_prob) - decode(cond['coarse_latent'])
 
     def one(key):
       if o.start == 'noise':
@@ -137,7 +155,7 @@ class RefinedPredictor:
         z, start = sampler.strength_start(self.schedule, cond['coarse_latent'], o.steps, o.strength, key)
       z0 = sampler.ddim_sample(eps_fn, self.schedule, cond, z, o.steps, jax.random.fold_in(key, 1),
                                eta=o.eta, start_index=start)
-      return refiner.decode_probs(self.models['autoencoder'], ae_params, z0, self.scale)
+      return jax.nn.sigmoid(decode(z0) + offset)
 
     return sampler.sample_ensemble(one, keys)
 

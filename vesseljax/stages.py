@@ -288,7 +288,8 @@ def sampling_tag(config) -> str:
   """A file-name tag for the sampling settings, e.g. 'ddim20_g1.0_noise_k5'."""
   s = config.sample
   start = 'noise' if s.start == 'noise' else f'coarse{s.strength:g}'
-  return f'ddim{s.steps}_g{s.guidance:g}_{start}_k{s.ensemble}'
+  decode = '' if s.decode == 'direct' else f'_{s.decode}'
+  return f'ddim{s.steps}_g{s.guidance:g}_{start}_k{s.ensemble}{decode}'
 
 
 def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite: bool = False) -> dict:

@@ -83,29 +83,50 @@ def pack(samples: Sequence[Sample], data_config, coarse: Sequence[tuple[np.ndarr
   return ArrayDataset(images=images, labels=labels, fovs=fovs, ids=list(ids or [s.id for s in samples]))
 
 
+def _oof_dataset(config, samples: Sequence[Sample]) -> ArrayDataset:
+  d = config.diffusion
+  paths = [x.strip() for x in d.coarse_maps.split(',') if x.strip()]
+  if not paths:
+    raise DataError(f"diffusion.coarse_source={d.coarse_source!r} needs diffusion.coarse_maps "
+                    '(comma-separated holdout_maps.npz paths)')
+  maps = read_holdout_maps(paths)
+  missing = [s.id for s in samples if s.id not in maps]
+  if missing:
+    raise DataError(f'out-of-fold coarse maps miss {len(missing)} training image(s): {missing[:5]}; '
+                    f'files: {paths}')
+  return pack(samples, config.data, [maps[s.id] for s in samples])
+
+
+def _degrade_dataset(config, samples: Sequence[Sample]) -> ArrayDataset:
+  d = config.diffusion
+  rng = np.random.default_rng(config.seed)
+  size = sources.work_size(config.data)
+  reps = [s for s in samples for _ in range(d.degrade_variants)]
+  coarse = [degrade.degrade(*label_fov(s, size), rng) for s in reps]
+  ids = [f'{s.id}#{k}' for s in samples for k in range(d.degrade_variants)]
+  return pack(reps, config.data, coarse, ids)
+
+
+SOURCES = {'oof': (_oof_dataset,), 'degrade': (_degrade_dataset,),
+           'oof+degrade': (_oof_dataset, _degrade_dataset)}
+
+
 def refiner_dataset(config, samples: Sequence[Sample]) -> ArrayDataset:
   """The refiner's training set from `config.diffusion.coarse_source`.
+
+  'oof' packs each training image once with its out-of-fold maps, 'degrade'
+  `degrade_variants` times with degraded labels, 'oof+degrade' both (the
+  out-of-fold images first).
 
   Raises:
     DataError: 'oof' maps that miss some training images (named), or an unknown source.
   """
-  d = config.diffusion
-  if d.coarse_source == 'oof':
-    paths = [x for x in d.coarse_maps.split(',') if x.strip()]
-    if not paths:
-      raise DataError("diffusion.coarse_source='oof' needs diffusion.coarse_maps (comma-separated "
-                      'holdout_maps.npz paths)')
-    maps = read_holdout_maps([x.strip() for x in paths])
-    missing = [s.id for s in samples if s.id not in maps]
-    if missing:
-      raise DataError(f'out-of-fold coarse maps miss {len(missing)} training image(s): {missing[:5]}; '
-                      f'files: {paths}')
-    return pack(samples, config.data, [maps[s.id] for s in samples])
-  if d.coarse_source == 'degrade':
-    rng = np.random.default_rng(config.seed)
-    size = sources.work_size(config.data)
-    reps = [s for s in samples for _ in range(d.degrade_variants)]
-    coarse = [degrade.degrade(*label_fov(s, size), rng) for s in reps]
-    ids = [f'{s.id}#{k}' for s in samples for k in range(d.degrade_variants)]
-    return pack(reps, config.data, coarse, ids)
-  raise DataError(f'unknown diffusion.coarse_source {d.coarse_source!r}; expected oof or degrade')
+  source = config.diffusion.coarse_source
+  if source not in SOURCES:
+    raise DataError(f'unknown diffusion.coarse_source {source!r}; expected one of {sorted(SOURCES)}')
+  parts = [build(config, samples) for build in SOURCES[source]]
+  if len(parts) == 1:
+    return parts[0]
+  return ArrayDataset(images=np.concatenate([p.images for p in parts]),
+                      labels=np.concatenate([p.labels for p in parts]),
+                      fovs=np.concatenate([p.fovs for p in parts]), ids=[i for p in parts for i in p.ids])

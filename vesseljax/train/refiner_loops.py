@@ -173,6 +173,23 @@ def load_models(config, workdir: pathlib.Path) -> tuple[dict, dict, dict]:
   return models, jax.tree.map(jnp.asarray, ae_vars['params']), ae_sidecar
 
 
+def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, expected: dict) -> tuple[dict, dict]:
+  """(params, sidecar) of an exported refiner to start training from (`diffusion.init_checkpoint`).
+
+  Raises:
+    CheckpointError (naming the file): another refiner architecture, another
+      autoencoder (or latent scale), or parameters of other shapes.
+  """
+  sidecar, variables = refiner.load_checked(path, 'refiner')
+  want = refiner.refiner_spec(config.diffusion)
+  if sidecar['model'] != want:
+    raise coarse.CheckpointError(f'{path}: refiner {sidecar["model"]} does not match config.diffusion {want}')
+  refiner.check_refiner_matches(sidecar, ae_sidecar, None, str(path))
+  coarse.check_variables({'params': variables['params']}, None, 0, str(path),
+                         expected={'params': jax.eval_shape(lambda: expected)})
+  return jax.tree.map(jnp.asarray, variables['params']), sidecar
+
+
 def train_refiner(config, workdir: str | pathlib.Path,
                   data: Optional[pipeline.ArrayDataset] = None) -> pathlib.Path:
   """Trains (or resumes) the image encoder + denoiser; exports the EMA params."""
@@ -183,16 +200,23 @@ def train_refiner(config, workdir: str | pathlib.Path,
   scale = float(ae_sidecar['latent_scale'])
   data = training_tiles(config, data)
   params = init_refiner_params(models, jax.random.key(config.seed + 5), d.tile_size, d.latent_channels)
+  init = {}
+  if d.init_checkpoint:  # fine-tuning: the EMA starts at these params too
+    params, init_sidecar = warm_start_params(config, d.init_checkpoint, ae_sidecar, params)
+    init = {'init_checkpoint': str(d.init_checkpoint), 'init_hash': init_sidecar['model_hash'],
+            'init_steps_trained': init_sidecar.get('steps_trained'),
+            'init_coarse_source': init_sidecar.get('coarse_source')}
   tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
                                 config.train.grad_clip)
   state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
   run_spec = {**refiner.refiner_spec(d), 'autoencoder_hash': ae_sidecar['model_hash'],
-              'coarse_source': d.coarse_source, 'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra)}
+              'coarse_source': d.coarse_source, 'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra),
+              **{k: v for k, v in init.items() if k == 'init_hash'}}
   state, ckpt = _open_run(workdir / 'refiner_ckpt', run_spec, state, config.train.keep_checkpoints)
-  log.info('refiner: image encoder %d + denoiser %d params; %d images (%s coarse maps), %dx%d tiles',
+  log.info('refiner: image encoder %d + denoiser %d params; %d images (%s coarse maps), %dx%d tiles%s',
            sum(x.size for x in jax.tree.leaves(params['image_encoder'])),
            sum(x.size for x in jax.tree.leaves(params['denoiser'])), len(data), d.coarse_source,
-           d.tile_size, d.tile_size)
+           d.tile_size, d.tile_size, f'; starting from {d.init_checkpoint}' if init else '')
   schedule = schedule_lib.cosine_schedule(d.timesteps)
   step_fn = refiner.make_refiner_step(config, models, schedule, scale, loops.make_augment_fn(config))
   progress = loops.Progress(workdir, d.num_steps, int(state.step), 'refiner')
@@ -204,7 +228,7 @@ def train_refiner(config, workdir: str | pathlib.Path,
       'autoencoder_hash': ae_sidecar['model_hash'], 'latent_scale': scale,
       'coarse_hash': coarse.spec_hash(coarse.model_spec(config.model)), 'coarse_source': d.coarse_source,
       'steps_trained': int(state.step), 'steps_planned': int(d.num_steps), 'dataset': config.data.name,
-      'ema_decay': d.ema_decay,
+      'ema_decay': d.ema_decay, **init,
       'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra)})
   log.info('exported %s (EMA params, step %d)', path, int(state.step))
   return path
