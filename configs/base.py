@@ -142,7 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.ensemble = 5  # k trajectories; mean probability + per-pixel variance
   config.sample.seed = 0
   config.sample.tile_batch = 4  # tiles sampled together
-  # direct: sigmoid(D(z0)) (the paper); residual: logit(p_c) + D(z0) - D(E(p_c)),
+  # direct: the decoded z0 (the paper); residual: p_c + decoded z0 - decoded E(p_c),
   # so an identity refiner returns the coarse map, not its autoencoder round trip.
   config.sample.decode = 'direct'
   config.sample.uncertain_variance = 0.01  # uncertainty overlay: pixels at or above this variance

@@ -34,12 +34,14 @@ log = logging.getLogger('vesseljax')
 
 # How a sampled latent z0 becomes a probability map:
 #   'direct'    sigmoid(D(z0)), the paper;
-#   'residual'  sigmoid(logit(p_c) + D(z0) - D(E(p_c))): the refiner's change of
-#               the decoded logits, added to the coarse map's own logits. A
-#               refiner that returns the coarse latent then returns p_c exactly,
-#               instead of its autoencoder round trip (see BUILD_NOTES.md).
+#   'residual'  clip(p_c + sigmoid(D(z0)) - sigmoid(D(E(p_c))), 0, 1): the
+#               refiner's change of the decoded probability, added to the coarse
+#               map itself. A refiner that returns the coarse latent then
+#               returns p_c exactly, instead of its autoencoder round trip (see
+#               BUILD_NOTES.md). Probabilities, not logits: the autoencoder's
+#               logits saturate (|logit| >> 10 off the vessels), so small latent
+#               changes make huge logit differences.
 DECODES = ('direct', 'residual')
-RESIDUAL_EPS = 1e-4  # p_c is clipped to [eps, 1 - eps] before its logit
 
 
 class SamplingError(RuntimeError):
@@ -142,11 +144,10 @@ class RefinedPredictor:
       return refiner.denoise(self.models, params, z_t, t, c, drop_image | force_drop)
 
     eps_fn = sampler.guided_eps_fn(denoise_fn, float(o.guidance) if self.use_image else 0.0)
-    decode = lambda z: refiner.decode_logits(self.models['autoencoder'], ae_params, z, self.scale)
+    decode = lambda z: refiner.decode_probs(self.models['autoencoder'], ae_params, z, self.scale)
     offset = 0.0
     if o.decode == 'residual':
-      coarse_prob = jnp.clip(tiles[..., refine_data.COARSE], RESIDUAL_EPS, 1 - RESIDUAL_EPS)
-      offset = jnp.log(coarse_prob) - jnp.log1p(-coarse_prob) - decode(cond['coarse_latent'])
+      offset = tiles[..., refine_data.COARSE] - decode(cond['coarse_latent'])
 
     def one(key):
       if o.start == 'noise':
@@ -155,7 +156,7 @@ class RefinedPredictor:
         z, start = sampler.strength_start(self.schedule, cond['coarse_latent'], o.steps, o.strength, key)
       z0 = sampler.ddim_sample(eps_fn, self.schedule, cond, z, o.steps, jax.random.fold_in(key, 1),
                                eta=o.eta, start_index=start)
-      return jax.nn.sigmoid(decode(z0) + offset)
+      return jnp.clip(decode(z0) + offset, 0.0, 1.0)
 
     return sampler.sample_ensemble(one, keys)
 

@@ -112,14 +112,9 @@ def encode_masks(ae: nn.Module, ae_params: dict, masks: jax.Array, latent_scale:
   return ae.apply({'params': ae_params}, masks[..., None], method=ae.encode) * latent_scale
 
 
-def decode_logits(ae: nn.Module, ae_params: dict, z: jax.Array, latent_scale: float) -> jax.Array:
-  """Scaled latents (B, h, w, C) -> vessel logits (B, 4h, 4w)."""
-  return ae.apply({'params': ae_params}, z / latent_scale, method=ae.decode)[..., 0]
-
-
 def decode_probs(ae: nn.Module, ae_params: dict, z: jax.Array, latent_scale: float) -> jax.Array:
   """Scaled latents (B, h, w, C) -> vessel probabilities (B, 4h, 4w)."""
-  return jax.nn.sigmoid(decode_logits(ae, ae_params, z, latent_scale))
+  return jax.nn.sigmoid(ae.apply({'params': ae_params}, z / latent_scale, method=ae.decode)[..., 0])
 
 
 def conditioning(models: dict, params: dict, ae_params: dict, latent_scale: float,

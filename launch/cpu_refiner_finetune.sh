@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The DRIVE refiner on out-of-fold training pairs, on this CPU:
+#
+#   bash launch/cpu_refiner_finetune.sh [$HOME/runs]
+#
+# 1. launch/cpu_oof_folds.sh: 4 LU-Net+RA fold runs (FOLD_STEPS each) and their
+#    out-of-fold maps of the 20 training images (skipped where they exist);
+# 2. fine-tunes the committed refiner (weights/drive_refiner_degrade.msgpack:
+#    3,279 H100 steps on degradation pairs) on 'oof+degrade' pairs (each training
+#    image once with its out-of-fold maps, once degraded), FT_STEPS planned steps,
+#    stopped after FT_SECONDS (checkpointed, exported; rerun to resume);
+# 3. evaluates it on the DRIVE test split, Diff(20) from the coarse latent
+#    noised halfway, k = 5, with 'direct' and 'residual' decoding.
+set -eu
+RUNS=${1:-$HOME/runs}
+FT_STEPS=${FT_STEPS:-1200}; FT_SECONDS=${FT_SECONDS:-2700}
+PYTHON=${PYTHON:-python}
+HERE=$(cd "$(dirname "$0")" && pwd)
+W=$RUNS/drive_refiner_oof
+PYTHON=$PYTHON bash "$HERE/cpu_oof_folds.sh" configs/drive.py "$RUNS/drive_oof"
+MAPS=$(ls "$RUNS"/drive_oof/fold*/holdout_maps.npz | paste -sd, -)
+mkdir -p "$W"
+for ext in msgpack msgpack.json; do  # the autoencoder the committed refiner was trained with
+  [ -f "$W/autoencoder.$ext" ] || cp "weights/drive_autoencoder_c4.$ext" "$W/autoencoder.$ext"
+done
+$PYTHON -m vesseljax.launch --config=configs/drive.py --mode=train_refiner --workdir="$W" \
+  --config.diffusion.init_checkpoint=weights/drive_refiner_degrade.msgpack \
+  --config.diffusion.coarse_source=oof+degrade --config.diffusion.coarse_maps="$MAPS" \
+  --config.diffusion.degrade_variants=1 --config.diffusion.num_steps="$FT_STEPS" \
+  --config.diffusion.learning_rate=1e-4 --config.diffusion.warmup_steps=50 \
+  --config.diffusion.max_train_seconds="$FT_SECONDS" --config.diffusion.checkpoint_every=100
+for decode in direct residual; do
+  $PYTHON -m vesseljax.launch --config=configs/drive.py --mode=evaluate_refined --workdir="$W" \
+    --config.diffusion.coarse_checkpoint=weights/drive_lunet_ra.msgpack \
+    --config.sample.start=coarse --config.sample.decode=$decode || echo "evaluate ($decode): exit $?"
+done
