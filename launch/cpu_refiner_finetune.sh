@@ -13,7 +13,7 @@
 #    noised halfway, k = 5, with 'direct' and 'residual' decoding.
 set -eu
 RUNS=${1:-$HOME/runs}
-FT_STEPS=${FT_STEPS:-1200}; FT_SECONDS=${FT_SECONDS:-2700}
+FT_STEPS=${FT_STEPS:-1200}; FT_SECONDS=${FT_SECONDS:-2400}
 PYTHON=${PYTHON:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
 W=$RUNS/drive_refiner_oof
