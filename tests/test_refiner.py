@@ -1,6 +1,7 @@
 """Refiner data, train steps, loops, inference and stages, on tiny models."""
 
 import copy
+import hashlib
 import json
 import shutil
 
@@ -218,10 +219,18 @@ def test_warm_start_begins_at_the_given_refiner_and_refuses_another_autoencoder(
   refiner_loops.train_refiner(tuned, tmp_path / 'run')
   sidecar, got = coarse.load_params(tmp_path / 'run' / 'refiner.msgpack')
   init_sidecar, want = coarse.load_params(workdir / 'refiner.msgpack')
-  assert sidecar['init_hash'] == init_sidecar['model_hash']
+  assert sidecar['init_hash'] == hashlib.sha256((workdir / 'refiner.msgpack').read_bytes()).hexdigest()[:16]
   assert sidecar['init_steps_trained'] == init_sidecar['steps_trained']
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(x, y, atol=1e-7)
+  # Resuming that run from another starting file (other weights, same architecture) is refused.
+  other = tmp_path / 'other.msgpack'
+  coarse.write_params(other, jax.tree.map(lambda x: 1.5 * x, want), init_sidecar['model'],
+                      {k: v for k, v in init_sidecar.items() if k not in ('model', 'model_hash')})
+  tuned.diffusion.init_checkpoint = str(other)
+  with pytest.raises(coarse.CheckpointError, match='this run was started with'):
+    refiner_loops.train_refiner(tuned, tmp_path / 'run')
+  tuned.diffusion.init_checkpoint = str(workdir / 'refiner.msgpack')
   # The same refiner beside an autoencoder with another latent scale is refused.
   side = json.loads((tmp_path / 'autoencoder.msgpack.json').read_text())
   side['latent_scale'] *= 2

@@ -11,6 +11,7 @@ train on tiles of `diffusion.tile_size` from `data.refine_data.refiner_dataset`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pathlib
 import time
@@ -203,7 +204,8 @@ def train_refiner(config, workdir: str | pathlib.Path,
   init = {}
   if d.init_checkpoint:  # fine-tuning: the EMA starts at these params too
     params, init_sidecar = warm_start_params(config, d.init_checkpoint, ae_sidecar, params)
-    init = {'init_checkpoint': str(d.init_checkpoint), 'init_hash': init_sidecar['model_hash'],
+    init = {'init_checkpoint': str(d.init_checkpoint),
+            'init_hash': hashlib.sha256(pathlib.Path(d.init_checkpoint).read_bytes()).hexdigest()[:16],
             'init_steps_trained': init_sidecar.get('steps_trained'),
             'init_coarse_source': init_sidecar.get('coarse_source')}
   tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
