@@ -13,7 +13,7 @@ device-side augmentation (which warp every channel alike) serve it unchanged.
 The coarse maps come from out-of-fold coarse runs (`source='oof'`: the
 `holdout_maps.npz` files of `--mode=holdout`, which must cover every training
 image exactly once) or from the degradation model (`source='degrade'`,
-`variants` random degradations per image).
+`variants` random degradations per image), or both (`source='oof+degrade'`).
 """
 
 from __future__ import annotations
