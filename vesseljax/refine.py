@@ -27,7 +27,7 @@ import numpy as np
 from vesseljax import predict
 from vesseljax.data import preprocess, refine_data
 from vesseljax.diffusion import sampler, schedule as schedule_lib
-from vesseljax.train import coarse, refiner
+from vesseljax.train import refiner
 
 log = logging.getLogger('vesseljax')
 
@@ -122,11 +122,8 @@ class RefinedPredictor:
                    'image_encoder': refiner.create_image_encoder(spec),
                    'denoiser': refiner.create_denoiser(spec)}
     from vesseljax.train import refiner_loops  # pylint: disable=g-import-not-at-top
-    expected = jax.eval_shape(lambda: refiner_loops.init_refiner_params(
-        self.models, jax.random.key(0), self.tile, spec['latent_channels']))
-    coarse.check_variables({'params': ref_vars['params']}, None, 0, str(refiner_checkpoint),
-                           expected={'params': expected})
-    self.params = jax.tree.map(jnp.asarray, ref_vars['params'])
+    self.params = refiner_loops.checked_refiner_params(refiner_checkpoint, ref_vars, self.models, self.tile,
+                                                       spec['latent_channels'])
     self.ae_params = jax.tree.map(jnp.asarray, ae_vars['params'])
     self.scale = float(ae_sidecar['latent_scale'])
     self.schedule = schedule_lib.cosine_schedule(spec['timesteps'])

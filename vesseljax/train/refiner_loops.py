@@ -174,21 +174,28 @@ def load_models(config, workdir: pathlib.Path) -> tuple[dict, dict, dict]:
   return models, jax.tree.map(jnp.asarray, ae_vars['params']), ae_sidecar
 
 
-def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, expected: dict) -> tuple[dict, dict]:
+def checked_refiner_params(path: str | pathlib.Path, variables: dict, models: dict, tile: int,
+                           latent_channels: int) -> dict:
+  """An exported refiner's params as arrays, their tree and shapes checked against `models` (CheckpointError)."""
+  expected = jax.eval_shape(lambda: init_refiner_params(models, jax.random.key(0), tile, latent_channels))
+  coarse.check_variables({'params': variables['params']}, None, 0, str(path), expected={'params': expected})
+  return jax.tree.map(jnp.asarray, variables['params'])
+
+
+def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models: dict) -> tuple[dict, dict]:
   """(params, sidecar) of an exported refiner to start training from (`diffusion.init_checkpoint`).
 
   Raises:
     CheckpointError (naming the file): another refiner architecture, another
       autoencoder (or latent scale), or parameters of other shapes.
   """
+  d = config.diffusion
   sidecar, variables = refiner.load_checked(path, 'refiner')
-  want = refiner.refiner_spec(config.diffusion)
+  want = refiner.refiner_spec(d)
   if sidecar['model'] != want:
     raise coarse.CheckpointError(f'{path}: refiner {sidecar["model"]} does not match config.diffusion {want}')
   refiner.check_refiner_matches(sidecar, ae_sidecar, None, str(path))
-  coarse.check_variables({'params': variables['params']}, None, 0, str(path),
-                         expected={'params': jax.eval_shape(lambda: expected)})
-  return jax.tree.map(jnp.asarray, variables['params']), sidecar
+  return checked_refiner_params(path, variables, models, d.tile_size, d.latent_channels), sidecar
 
 
 def train_refiner(config, workdir: str | pathlib.Path,
@@ -203,7 +210,7 @@ def train_refiner(config, workdir: str | pathlib.Path,
   params = init_refiner_params(models, jax.random.key(config.seed + 5), d.tile_size, d.latent_channels)
   init = {}
   if d.init_checkpoint:  # fine-tuning: the EMA starts at these params too
-    params, init_sidecar = warm_start_params(config, d.init_checkpoint, ae_sidecar, params)
+    params, init_sidecar = warm_start_params(config, d.init_checkpoint, ae_sidecar, models)
     init = {'init_checkpoint': str(d.init_checkpoint),
             'init_hash': hashlib.sha256(pathlib.Path(d.init_checkpoint).read_bytes()).hexdigest()[:16],
             'init_steps_trained': init_sidecar.get('steps_trained'),
@@ -213,7 +220,7 @@ def train_refiner(config, workdir: str | pathlib.Path,
   state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
   run_spec = {**refiner.refiner_spec(d), 'autoencoder_hash': ae_sidecar['model_hash'],
               'coarse_source': d.coarse_source, 'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra),
-              **{k: v for k, v in init.items() if k == 'init_hash'}}
+              **({'init_hash': init['init_hash']} if init else {})}
   state, ckpt = _open_run(workdir / 'refiner_ckpt', run_spec, state, config.train.keep_checkpoints)
   log.info('refiner: image encoder %d + denoiser %d params; %d images (%s coarse maps), %dx%d tiles%s',
            sum(x.size for x in jax.tree.leaves(params['image_encoder'])),
