@@ -40,7 +40,7 @@ log = logging.getLogger('vesseljax')
 #               returns p_c exactly, instead of its autoencoder round trip (see
 #               BUILD_NOTES.md). Probabilities, not logits: a logit residual
 #               scored Dice 0.29 on a DRIVE image (coarse 0.82); the
-#               autoencoder's logits saturate off the vessels.
+#               autoencoder's logits likely saturate off the vessels.
 DECODES = ('direct', 'residual')
 
 
