@@ -103,6 +103,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.degrade_variants = 4  # degraded maps per training image ('degrade')
   config.diffusion.coarse_checkpoint = config_dict.placeholder(str)  # coarse params for inference
   config.diffusion.autoencoder_checkpoint = config_dict.placeholder(str)  # unset: <workdir>/autoencoder.msgpack
+  # True (our departure): the denoiser also sees each 4x4 cell's RGB and coarse-map
+  # pixels as 64 channels on the latent grid (the image tokens are 16x16 per tile, far
+  # coarser than a thin vessel). A refiner without it can warm-start one with it.
+  config.diffusion.pixel_detail = False
   # Conditioning switches (the ablations).
   config.diffusion.use_image = True
   config.diffusion.use_ra = True
@@ -145,6 +149,7 @@ def get_config() -> ml_collections.ConfigDict:
   # direct: the decoded z0 (the paper); residual: p_c + decoded z0 - decoded E(p_c),
   # so an identity refiner returns the coarse map, not its autoencoder round trip.
   config.sample.decode = 'direct'
+  config.sample.drop_image = False  # True: the learned null image condition (ablation at sampling)
   config.sample.uncertain_variance = 0.01  # uncertainty overlay: pixels at or above this variance
 
   # ---- evaluation / prediction ----

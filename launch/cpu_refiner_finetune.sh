@@ -10,13 +10,18 @@
 #    image once with its out-of-fold maps, once degraded), FT_STEPS planned steps,
 #    stopped after FT_SECONDS (checkpointed, exported; rerun to resume);
 # 3. evaluates it on the DRIVE test split, Diff(20) from the coarse latent
-#    noised halfway, k = 5, with 'direct' and 'residual' decoding.
+#    noised halfway, k = 5, with 'direct' and 'residual' decoding (DECODES).
+#
+# Variants: NAME names the workdir ($RUNS/$NAME) and EXTRA adds config flags, e.g.
+#   NAME=drive_refiner_detail EXTRA=--config.diffusion.pixel_detail=True DECODES=direct \
+#     bash launch/cpu_refiner_finetune.sh
 set -eu
 RUNS=${1:-$HOME/runs}
 FT_STEPS=${FT_STEPS:-1200}; FT_SECONDS=${FT_SECONDS:-2400}
 PYTHON=${PYTHON:-python}
+NAME=${NAME:-drive_refiner_oof}; EXTRA=${EXTRA:-}; DECODES=${DECODES:-direct residual}
 HERE=$(cd "$(dirname "$0")" && pwd)
-W=$RUNS/drive_refiner_oof
+W=$RUNS/$NAME
 PYTHON=$PYTHON bash "$HERE/cpu_oof_folds.sh" configs/drive.py "$RUNS/drive_oof"
 MAPS=$(ls "$RUNS"/drive_oof/fold*/holdout_maps.npz | paste -sd, -)
 mkdir -p "$W"
@@ -28,9 +33,9 @@ $PYTHON -m vesseljax.launch --config=configs/drive.py --mode=train_refiner --wor
   --config.diffusion.coarse_source=oof+degrade --config.diffusion.coarse_maps="$MAPS" \
   --config.diffusion.degrade_variants=1 --config.diffusion.num_steps="$FT_STEPS" \
   --config.diffusion.learning_rate=1e-4 --config.diffusion.warmup_steps=50 \
-  --config.diffusion.max_train_seconds="$FT_SECONDS" --config.diffusion.checkpoint_every=100
-for decode in direct residual; do
-  $PYTHON -m vesseljax.launch --config=configs/drive.py --mode=evaluate_refined --workdir="$W" \
+  --config.diffusion.max_train_seconds="$FT_SECONDS" --config.diffusion.checkpoint_every=100 $EXTRA
+for decode in $DECODES; do
+  $PYTHON -m vesseljax.launch --config=configs/drive.py --mode=evaluate_refined --workdir="$W" $EXTRA \
     --config.diffusion.coarse_checkpoint=weights/drive_lunet_ra.msgpack \
     --config.sample.start=coarse --config.sample.decode=$decode || echo "evaluate ($decode): exit $?"
 done

@@ -23,6 +23,7 @@ def main(argv):
   from vesseljax.data import refine_data, sources  # pylint: disable=g-import-not-at-top
   from vesseljax.evaluate import metrics  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  sources.resolve_data_root(config)
   paths = argv[1:]
   if not paths:
     raise app.UsageError('name one or more holdout_maps.npz files')

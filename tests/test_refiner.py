@@ -239,6 +239,53 @@ def test_warm_start_begins_at_the_given_refiner_and_refuses_another_autoencoder(
     refiner_loops.train_refiner(tuned, tmp_path)
 
 
+def test_space_to_depth_puts_each_cell_s_pixels_in_channels():
+  x = np.random.default_rng(0).random((2, 8, 12, 3)).astype(np.float32)
+  got = np.asarray(refiner.space_to_depth(jnp.asarray(x), 4))
+  assert got.shape == (2, 2, 3, 48)
+  for i, j in ((0, 0), (1, 2)):
+    np.testing.assert_array_equal(got[:, i, j], x[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(2, 48))
+
+
+def test_pixel_detail_refiner_warm_starts_as_the_plain_one_then_learns(trained, tmp_path):
+  config, workdir = trained
+  detail = copy.deepcopy(config)
+  detail.diffusion.pixel_detail = True
+  detail.diffusion.init_checkpoint = str(workdir / 'refiner.msgpack')
+  for name in ('autoencoder.msgpack', 'autoencoder.msgpack.json'):
+    shutil.copy(workdir / name, tmp_path / name)
+  models, ae_params, ae_sidecar = refiner_loops.load_models(detail, tmp_path)
+  assert models['denoiser'].detail_channels == refiner.DETAIL_CHANNELS == 64
+  params, _ = refiner_loops.warm_start_params(detail, workdir / 'refiner.msgpack', ae_sidecar, models)
+  _, plain_vars = coarse.load_params(workdir / 'refiner.msgpack')
+  plain_models = dict(models, denoiser=refiner.create_denoiser(refiner.refiner_spec(config.diffusion)))
+  # The warm start computes the plain refiner's eps exactly (detail_in starts at zero).
+  tiles = jnp.asarray(np.random.default_rng(1).random((2, 32, 32, refine_data.NUM_CHANNELS)), jnp.float32)
+  scale = float(ae_sidecar['latent_scale'])
+  z = jax.random.normal(jax.random.key(2), (2, 8, 8, config.diffusion.latent_channels))
+  t, drop = jnp.array([10, 700]), jnp.array([False, True])
+  cond = refiner.conditioning(models, params, ae_params, scale, tiles, use_ra=True)
+  assert cond['detail'].shape == (2, 8, 8, 64)
+  plain_params = jax.tree.map(jnp.asarray, plain_vars['params'])
+  plain_cond = refiner.conditioning(plain_models, plain_params, ae_params, scale, tiles, use_ra=True)
+  assert 'detail' not in plain_cond
+  np.testing.assert_allclose(refiner.denoise(models, params, z, t, cond, drop),
+                             refiner.denoise(plain_models, plain_params, z, t, plain_cond, drop), atol=1e-6)
+  # Training moves detail_in off zero; the export records pixel_detail and predicts.
+  refiner_loops.train_refiner(detail, tmp_path)
+  sidecar, got = coarse.load_params(tmp_path / 'refiner.msgpack')
+  assert sidecar['model']['pixel_detail'] is True
+  assert np.abs(got['params']['denoiser']['detail_in']['kernel']).max() > 0
+  detail.diffusion.coarse_checkpoint = str(workdir / 'params.msgpack')
+  maps = _predictor(detail, tmp_path)(_samples(detail, 'test')[0].image)
+  assert np.all(np.isfinite(maps['prob'])) and 0 <= maps['prob'].min() <= maps['prob'].max() <= 1
+  # A plain run cannot start from a pixel-detail refiner.
+  plain = copy.deepcopy(config)
+  plain.diffusion.init_checkpoint = str(tmp_path / 'refiner.msgpack')
+  with pytest.raises(coarse.CheckpointError, match='does not match config.diffusion'):
+    refiner_loops.warm_start_params(plain, tmp_path / 'refiner.msgpack', ae_sidecar, plain_models)
+
+
 def test_time_limit_stops_checkpoints_and_exports_then_resumes(trained, tmp_path):
   config, workdir = trained
   for name in ('autoencoder.msgpack', 'autoencoder.msgpack.json'):
@@ -280,6 +327,21 @@ def test_refined_predictor_maps_and_ensemble(trained):
   np.testing.assert_array_equal(one['variance'], 0.0)
   coarse_start = _predictor(config, workdir, ensemble=2, start='coarse', strength=0.5)(s.image)
   assert coarse_start['prob'].shape == s.label.shape
+
+
+def test_drop_image_makes_the_refined_map_independent_of_the_photo(trained):
+  config, workdir = trained
+  rng = np.random.default_rng(3)
+  coarse_prob, ra = rng.random((2, 40, 48)).astype(np.float32)
+  photo, other = rng.random((2, 40, 48, 3)).astype(np.float32)
+  dropped = _predictor(copy.deepcopy(config), workdir, drop_image=True)
+  np.testing.assert_array_equal(dropped.refine_work(photo, coarse_prob, ra)[0],
+                                dropped.refine_work(other, coarse_prob, ra)[0])
+  plain = _predictor(copy.deepcopy(config), workdir)
+  assert np.abs(plain.refine_work(photo, coarse_prob, ra)[0] - plain.refine_work(other, coarse_prob, ra)[0]).max() > 0
+  tagged = copy.deepcopy(config)
+  tagged.sample.drop_image = True
+  assert stages.sampling_tag(tagged).endswith('_noimage')
 
 
 def test_residual_decoding_returns_the_coarse_map_when_the_sampler_returns_its_latent(trained, monkeypatch):
@@ -368,6 +430,14 @@ def test_evaluate_refined_and_uncertainty_stages(trained, tmp_path):
   assert saved['meta']['coarse_rows'][0]['id'] == saved['rows'][0]['id']
   assert 0 <= saved['rows'][0]['dice'] <= 1
   assert result['meta']['wilcoxon_vs_coarse']['n'] == 1
+  # The saved maps (uint8) give back the scored Dice, refined and coarse.
+  maps = stages.read_maps(workdir / f'maps_refined_test_{stages.sampling_tag(config)}.npz')
+  sample = sources.load_samples(config.data, 'test', stages.tfds_dir(config, workdir))[0]
+  got = maps[sample.id]
+  assert got['prob'].shape == got['coarse'].shape == got['variance'].shape == sample.label.shape
+  for key, row in (('prob', saved['rows'][0]), ('coarse', saved['meta']['coarse_rows'][0])):
+    dice = metrics.image_metrics_both(got[key], sample.label, sample.fov, config.eval.threshold)['dice']
+    assert abs(dice - row['dice']) < 0.02, (key, dice, row['dice'])
   with pytest.raises(FileExistsError):
     stages.evaluate_refined(config, workdir)
   # Uncertainty pictures for a photo folder, with one unreadable file skipped.
@@ -415,6 +485,10 @@ def test_evaluate_autoencoder_on_coarse_maps_pairs_them_with_the_coarse_rows(tra
                                tests[0].fov, 0.5)
   assert result['rows'][0]['dice'] == pytest.approx(want['dice'], abs=1e-6)
   assert result['meta']['wilcoxon_vs_coarse']['n'] == len(tests)
+  maps = stages.read_maps(workdir / 'maps_autoencoder_test_coarse.npz')
+  assert set(maps) == {s.id for s in tests} and 'variance' not in maps[tests[0].id]
+  np.testing.assert_allclose(maps[tests[0].id]['prob'], preprocess.to_native(np.asarray(recon), tests[0].label.shape),
+                             atol=0.5 / 255 + 1e-6)
   config.diffusion.ae_eval_input = 'mask'
   with pytest.raises(ValueError, match='ae_eval_input'):
     stages.evaluate_autoencoder(config, workdir, overwrite=True)

@@ -34,16 +34,6 @@ _MULTIHOST = flags.DEFINE_bool(
     'JAX_NUM_PROCESSES, JAX_PROCESS_ID).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'evaluate, holdout: replace existing result files.')
 
-DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'datasets'
-
-
-def _resolve_data_root(config) -> None:
-  """data.root from the flag, else $VESSELJAX_DATA_DIR, else ../shared/datasets beside the repo."""
-  if config.data.root is None and config.data.name != 'synthetic':
-    with config.unlocked():
-      config.data.root = os.environ.get('VESSELJAX_DATA_DIR') or str(DEFAULT_DATA_ROOT)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -59,7 +49,8 @@ def main(argv):
   logging.getLogger('vesseljax').setLevel(logging.INFO)
   logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax logs every save at INFO
   config = _CONFIG.value
-  _resolve_data_root(config)
+  from vesseljax.data import sources  # pylint: disable=g-import-not-at-top
+  sources.resolve_data_root(config)
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path.home() / 'vesseljax_runs' / config.data.name)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))

@@ -60,6 +60,9 @@ class SampleOptions:
   seed: int = 0
   tile_batch: int = 4
   decode: str = 'direct'
+  # True: the image condition is the learned null at every step (an inference-time
+  # ablation of the image conditioning; guidance then has nothing to amplify).
+  drop_image: bool = False
 
   @classmethod
   def from_config(cls, sample_config) -> 'SampleOptions':
@@ -135,12 +138,12 @@ class RefinedPredictor:
     """(k, B, T, T) probabilities: k DDIM trajectories (vmapped) for B packed tiles (B, T, T, 5)."""
     o = self.options
     cond = refiner.conditioning(self.models, params, ae_params, self.scale, tiles, use_ra=self.use_ra)
-    force_drop = not self.use_image
+    force_drop = not self.use_image or o.drop_image
 
     def denoise_fn(z_t, t, c, drop_image):
       return refiner.denoise(self.models, params, z_t, t, c, drop_image | force_drop)
 
-    eps_fn = sampler.guided_eps_fn(denoise_fn, float(o.guidance) if self.use_image else 0.0)
+    eps_fn = sampler.guided_eps_fn(denoise_fn, 0.0 if force_drop else float(o.guidance))
     decode = lambda z: refiner.decode_probs(self.models['autoencoder'], ae_params, z, self.scale)
     offset = 0.0
     if o.decode == 'residual':

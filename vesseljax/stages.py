@@ -149,6 +149,11 @@ def evaluate(config, workdir: pathlib.Path, command: str = '', overwrite: bool =
   return {'rows': rows, 'summary': summary, 'meta': meta}
 
 
+def to_u8(prob: np.ndarray) -> np.ndarray:
+  """Probabilities in [0, 1] -> uint8 (x 255, rounded), as the saved maps store them."""
+  return np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+
+
 def holdout(config, workdir: pathlib.Path, overwrite: bool = False) -> pathlib.Path:
   """Out-of-fold coarse maps: the run's model on the training images it never saw.
 
@@ -180,9 +185,8 @@ def holdout(config, workdir: pathlib.Path, overwrite: bool = False) -> pathlib.P
   data = sources.to_arrays(sources.load_samples(d, 'train', tfds_dir(config, workdir)), d)
   _, held = sources.fold_split(data, d.num_folds, d.fold)
   probs, ras = zip(*(predictor.maps(image) for image in held.images))
-  to_u8 = lambda x: np.round(np.clip(np.stack(x), 0, 1) * 255).astype(np.uint8)
   tmp = out.with_suffix('.tmp.npz')
-  np.savez_compressed(tmp, ids=np.array(held.ids), prob=to_u8(probs), ra_map=to_u8(ras), fov=held.fovs)
+  np.savez_compressed(tmp, ids=np.array(held.ids), prob=to_u8(np.stack(probs)), ra_map=to_u8(np.stack(ras)), fov=held.fovs)
   tmp.replace(out)
   log.info('wrote out-of-fold maps of %d images (%s) to %s', len(held), ', '.join(held.ids), out)
   return out
@@ -246,18 +250,19 @@ def evaluate_autoencoder(config, workdir: pathlib.Path, command: str = '', overw
   ae = refiner.create_autoencoder(sidecar['model'])
   reconstruct = jax.jit(lambda v, m: jax.nn.sigmoid(ae.apply(v, m)))
   size = sources.work_size(config.data)
-  rows, coarse_rows = [], []
+  rows, coarse_rows, saved = [], [], {'prob': [], 'coarse': []}
   thr = config.eval.threshold
-  for s in sources.load_samples(config.data, split, tfds_dir(config, workdir)):
+  samples = sources.load_samples(config.data, split, tfds_dir(config, workdir))
+  for s in samples:
     if coarse_model is None:
       mask, _ = refine_data.label_fov(s, size)
     else:
       mask, _ = coarse_model.maps(coarse_model.preprocess(s.image))
-      coarse_rows.append({'id': s.id, **metrics.image_metrics_both(preprocess.to_native(mask, s.label.shape),
-                                                                   s.label, s.fov, thr)})
+      saved['coarse'].append(preprocess.to_native(mask, s.label.shape))
+      coarse_rows.append({'id': s.id, **metrics.image_metrics_both(saved['coarse'][-1], s.label, s.fov, thr)})
     recon = np.asarray(reconstruct(variables, jnp.asarray(mask, jnp.float32)[None, ..., None]))[0, ..., 0]
-    rows.append({'id': s.id, **metrics.image_metrics_both(preprocess.to_native(recon, s.label.shape), s.label,
-                                                           s.fov, thr)})
+    saved['prob'].append(preprocess.to_native(recon, s.label.shape))
+    rows.append({'id': s.id, **metrics.image_metrics_both(saved['prob'][-1], s.label, s.fov, thr)})
   summary = metrics.summarize(rows)
   meta = {'dataset': config.data.name, 'split': split, 'method': f'autoencoder C={sidecar["model"]["latent_channels"]}',
           'checkpoint': str(path), 'autoencoder': sidecar, 'working_size_hw': list(size),
@@ -268,6 +273,8 @@ def evaluate_autoencoder(config, workdir: pathlib.Path, command: str = '', overw
                 coarse_summary=metrics.summarize(coarse_rows),
                 wilcoxon_vs_coarse=metrics.wilcoxon(rows, coarse_rows, 'dice'))
   report.write_results(out_json, rows, summary, meta, overwrite=overwrite)
+  if coarse_model is not None:  # the maps of 'a refiner that learned the identity', for analysis
+    write_maps(workdir / f'maps_autoencoder_{split}_coarse.npz', [s.id for s in samples], saved)
   log.info('autoencoder reconstruction of %d %s %s maps: Dice %.4f +- %.4f; wrote %s', len(rows), split,
            source, summary['dice']['mean'], summary['dice']['std'], out_json)
   return {'rows': rows, 'summary': summary, 'meta': meta}
@@ -289,7 +296,8 @@ def sampling_tag(config) -> str:
   s = config.sample
   start = 'noise' if s.start == 'noise' else f'coarse{s.strength:g}'
   decode = '' if s.decode == 'direct' else f'_{s.decode}'
-  return f'ddim{s.steps}_g{s.guidance:g}_{start}_k{s.ensemble}{decode}'
+  image = '_noimage' if s.get('drop_image', False) else ''
+  return f'ddim{s.steps}_g{s.guidance:g}_{start}_k{s.ensemble}{decode}{image}'
 
 
 def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite: bool = False) -> dict:
@@ -308,12 +316,14 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
   samples = sources.load_samples(config.data, split, tfds_dir(config, workdir))
   if config.eval.max_images:
     samples = samples[:config.eval.max_images]
-  rows, coarse_rows = [], []
+  rows, coarse_rows, saved = [], [], {'prob': [], 'coarse': [], 'variance': []}
   thr = config.eval.threshold
   for i, s in enumerate(samples):
     t0 = time.time()
     maps = predictor(s.image, name=s.id)
     seconds = time.time() - t0
+    for k in saved:
+      saved[k].append(maps[k])
     row = {'id': s.id, **metrics.image_metrics_both(maps['prob'], s.label, s.fov, thr), 'seconds': seconds}
     errors = (maps['prob'] >= thr) != s.label
     inside = s.fov
@@ -336,6 +346,7 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
           'date': datetime.date.today().isoformat(), 'wilcoxon_vs_coarse': test,
           'coarse_rows': coarse_rows, 'coarse_summary': coarse_summary}
   report.write_results(out_json, rows, summary, meta, overwrite=overwrite)
+  write_maps(workdir / f'maps_refined_{split}_{tag}.npz', [s.id for s in samples], saved)
   table = report.markdown_table({coarse_name: coarse_summary, method: summary},
                                 pvalues={method: test['p_value']})
   (workdir / f'eval_refined_{split}_{tag}.md').write_text(
@@ -344,6 +355,37 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
       f'{summary["seconds"]["mean"]:.1f} s per image.\n\n{report.per_image_markdown(rows, metrics.METRICS)}\n')
   log.info('%s\nwrote %s', table, out_json)
   return {'rows': rows, 'summary': summary, 'meta': meta}
+
+
+def write_maps(path: pathlib.Path, ids: list[str], maps: dict[str, list[np.ndarray]]) -> pathlib.Path:
+  """Saves native-size maps per image for later analysis (launch/analyze_refined.py).
+
+  `maps` holds lists (one array per id) of 'prob' and 'coarse' probabilities in
+  [0, 1], stored as uint8 (x 255, rounded), and optionally 'variance', stored as float16.
+  Images differ in size, so each map is its own entry: '<key>/<id>'. Written
+  to a temporary file, then renamed, so an interrupted write leaves no partial file.
+  """
+  arrays = {'ids': np.array(ids)}
+  for key, values in maps.items():
+    for image_id, value in zip(ids, values):
+      value = np.asarray(value)
+      arrays[f'{key}/{image_id}'] = (value.astype(np.float16) if key == 'variance'
+                                     else to_u8(value))
+  tmp = path.with_name(path.name + '.tmp.npz')
+  np.savez_compressed(tmp, **arrays)
+  tmp.replace(path)
+  return path
+
+
+def read_maps(path: pathlib.Path) -> dict[str, dict[str, np.ndarray]]:
+  """{id: {'prob', 'coarse' (float32 in [0, 1]), 'variance' (float32, if saved)}} from `write_maps`."""
+  with np.load(path) as f:
+    out = {}
+    for image_id in f['ids']:
+      out[str(image_id)] = {k: (f[f'{k}/{image_id}'].astype(np.float32) if k == 'variance'
+                                else f[f'{k}/{image_id}'].astype(np.float32) / 255.0)
+                            for k in ('prob', 'coarse', 'variance') if f'{k}/{image_id}' in f.files}
+  return out
 
 
 def uncertainty(config, workdir: pathlib.Path, inputs: str, output: Optional[str]) -> int:

@@ -6,6 +6,7 @@ them to the working resolution as an `ArrayDataset` for the pipeline.
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Optional, Sequence
 
@@ -14,6 +15,16 @@ import numpy as np
 from vesseljax.data import datasets, preprocess, synthetic
 from vesseljax.data.pipeline import ArrayDataset
 from vesseljax.data.sample import DataError, Sample
+
+# The datasets beside the repository (the brief's layout: <repo>/../shared/datasets).
+DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[3] / 'shared' / 'datasets'
+
+
+def resolve_data_root(config) -> None:
+  """Sets config.data.root, if unset: $VESSELJAX_DATA_DIR, else ../shared/datasets beside the repo."""
+  if config.data.root is None and config.data.name != 'synthetic':
+    with config.unlocked():
+      config.data.root = os.environ.get('VESSELJAX_DATA_DIR') or str(DEFAULT_DATA_ROOT)
 
 NAMES = datasets.DATASETS + ('synthetic',)
 

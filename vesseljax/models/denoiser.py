@@ -18,6 +18,7 @@ A = attention_levels = (1, 2, 3)):
   cond        emb = MLP(sinusoid_512(t)) + Dense(pooled);           (B, 512)
               pooled, tokens := learned nulls where drop_image
   conv_in     3x3 conv of concat[z_t, coarse_latent, ra_map]        w0 @ h
+              (+ 3x3 conv 'detail_in' of pixel_detail, if any)
   down_l      l = 0..3: n ResBlocks at w_l, cross-attention if      w_l @ h/2^l
               l in A; 3x3 stride-2 conv (l < 3)
   mid         ResBlock, cross-attention, ResBlock                   w3 @ h/8
@@ -209,6 +210,10 @@ class Denoiser(nn.Module):
     attention_levels: levels (0 = finest) whose encoder and decoder stages
       end in cross-attention; the middle always has one.
     embed_dim: width of the timestep / conditioning embedding (even).
+    detail_channels: P > 0 adds a pixel-detail input (B, h, w, P) on the
+      latent grid (our departure, `diffusion.pixel_detail`): a zero-initialised
+      3x3 conv 'detail_in' of it is added to conv_in's output, so a model
+      warm-started from one without it starts as that model.
     dtype: compute dtype; the output is float32.
     param_dtype: parameter dtype.
   """
@@ -217,6 +222,7 @@ class Denoiser(nn.Module):
   num_heads: int = 4
   attention_levels: Sequence[int] = (1, 2, 3)
   embed_dim: int = EMBED_DIM
+  detail_channels: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -225,7 +231,7 @@ class Denoiser(nn.Module):
     return level in self.attention_levels
 
   def _check_inputs(self, z_t, t, coarse_latent, ra_map, image_tokens,
-                    image_pooled, drop_image) -> None:
+                    image_pooled, drop_image, pixel_detail) -> None:
     """Raises ValueError on inconsistent shapes (static, not traced)."""
     divisor = 2 ** (len(self.widths) - 1)
     if z_t.ndim != 4 or z_t.shape[1] % divisor or z_t.shape[2] % divisor:
@@ -240,6 +246,13 @@ class Denoiser(nn.Module):
         'image_pooled': (image_pooled.shape, (b, image_tokens.shape[-1])),
         'drop_image': (drop_image.shape, (b,)),
     }
+    if self.detail_channels:
+      if pixel_detail is None:
+        raise ValueError(f'Denoiser with detail_channels={self.detail_channels} '
+                         'needs pixel_detail (B, h, w, P)')
+      expected['pixel_detail'] = (pixel_detail.shape, (b, h, w, self.detail_channels))
+    elif pixel_detail is not None:
+      raise ValueError('Denoiser got pixel_detail but has detail_channels=0')
     for name, (shape, want) in expected.items():
       if tuple(shape) != tuple(want):
         raise ValueError(f'Denoiser: {name} has shape {tuple(shape)}, '
@@ -251,7 +264,7 @@ class Denoiser(nn.Module):
   @nn.compact
   def __call__(self, z_t: Array, t: Array, coarse_latent: Array,
                ra_map: Array, image_tokens: Array, image_pooled: Array,
-               drop_image: Array) -> Array:
+               drop_image: Array, pixel_detail: Array | None = None) -> Array:
     """Predicts the noise in z_t.
 
     Args:
@@ -266,6 +279,8 @@ class Denoiser(nn.Module):
       image_pooled: (B, D) pooled image vector (`ImageEncoder`).
       drop_image: (B,) bool; True replaces that example's image condition
         (tokens and pooled) by the learned nulls (classifier-free guidance).
+      pixel_detail: (B, h, w, P) with P = detail_channels, else None: pixels
+        of the tile on the latent grid (`refiner.space_to_depth`).
 
     Returns:
       eps: (B, h, w, C) float32, the predicted noise.
@@ -275,7 +290,7 @@ class Denoiser(nn.Module):
         divisible by 2 ** (len(widths) - 1).
     """
     self._check_inputs(z_t, t, coarse_latent, ra_map, image_tokens,
-                       image_pooled, drop_image)
+                       image_pooled, drop_image, pixel_detail)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     levels = len(self.widths)
     _, num_tokens, token_dim = image_tokens.shape
@@ -306,6 +321,10 @@ class Denoiser(nn.Module):
     x = jnp.concatenate([z_t, coarse_latent, ra_map], axis=-1)
     x = nn.Conv(self.widths[0], (3, 3), padding='SAME', name='conv_in',
                 **kw)(x.astype(self.dtype))
+    if self.detail_channels:
+      x = x + nn.Conv(self.widths[0], (3, 3), padding='SAME',
+                      kernel_init=nn.initializers.zeros, name='detail_in',
+                      **kw)(pixel_detail.astype(self.dtype))
     skips = [x]
     for l, width in enumerate(self.widths):
       for i in range(self.num_res_blocks):

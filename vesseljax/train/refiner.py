@@ -40,6 +40,10 @@ from vesseljax.train.state import TrainState
 AXIS = steps.AXIS
 LATENT_DOWNSAMPLE = 4  # the autoencoder's factor per side
 X0_CLIP = 5.0  # |x0 estimate| bound, in units of the unit-variance latents
+# Pixel detail (diffusion.pixel_detail): RGB and coarse-map channels of the packed
+# tile, each 4x4 cell's 16 pixels as channels of the latent grid.
+DETAIL_SOURCE = slice(refine_data.RGB.start, refine_data.COARSE + 1)
+DETAIL_CHANNELS = (DETAIL_SOURCE.stop - DETAIL_SOURCE.start) * LATENT_DOWNSAMPLE ** 2
 
 
 class EMATrainState(TrainState):
@@ -60,7 +64,9 @@ def refiner_spec(dcfg) -> dict:
           'widths': [int(w) for w in dcfg.widths], 'num_res_blocks': int(dcfg.num_res_blocks),
           'num_heads': int(dcfg.num_heads), 'attention_levels': [int(x) for x in dcfg.attention_levels],
           'timesteps': int(dcfg.timesteps),
-          'tile_size': int(dcfg.tile_size)}
+          'tile_size': int(dcfg.tile_size),
+          # Only when on, so the specs (and hashes) of refiners without it are unchanged.
+          **({'pixel_detail': True} if dcfg.get('pixel_detail', False) else {})}
 
 
 def create_autoencoder(spec: dict) -> autoencoder.MaskAutoencoder:
@@ -73,7 +79,8 @@ def create_image_encoder(spec: dict) -> image_encoder.ImageEncoder:
 
 def create_denoiser(spec: dict) -> denoiser.Denoiser:
   return denoiser.Denoiser(widths=tuple(spec['widths']), num_res_blocks=spec['num_res_blocks'],
-                           num_heads=spec['num_heads'], attention_levels=tuple(spec['attention_levels']))
+                           num_heads=spec['num_heads'], attention_levels=tuple(spec['attention_levels']),
+                           detail_channels=DETAIL_CHANNELS if spec.get('pixel_detail') else 0)
 
 
 def load_checked(path: str | pathlib.Path, kind: str) -> tuple[dict, dict]:
@@ -107,6 +114,13 @@ def latent_grid(x: jax.Array) -> jax.Array:
   return nn.avg_pool(x, (LATENT_DOWNSAMPLE, LATENT_DOWNSAMPLE), strides=(LATENT_DOWNSAMPLE, LATENT_DOWNSAMPLE))
 
 
+def space_to_depth(x: jax.Array, block: int = LATENT_DOWNSAMPLE) -> jax.Array:
+  """(B, H, W, C) -> (B, H/block, W/block, block * block * C): each block's pixels as channels."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // block, block, w // block, block, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // block, w // block, block * block * c)
+
+
 def encode_masks(ae: nn.Module, ae_params: dict, masks: jax.Array, latent_scale: float) -> jax.Array:
   """(B, H, W) masks in [0, 1] -> scaled latents (B, H/4, W/4, C)."""
   return ae.apply({'params': ae_params}, masks[..., None], method=ae.encode) * latent_scale
@@ -123,7 +137,9 @@ def conditioning(models: dict, params: dict, ae_params: dict, latent_scale: floa
 
   Returns:
     {'coarse_latent' (B, T/4, T/4, C), 'ra_map' (B, T/4, T/4, 1) (zeros when
-    not use_ra), 'tokens' (B, N, D), 'pooled' (B, D)}.
+    not use_ra), 'tokens' (B, N, D), 'pooled' (B, D)}, and 'detail'
+    (B, T/4, T/4, 64), the RGB and coarse-map pixels of each 4x4 cell, when the
+    denoiser takes pixel detail (`diffusion.pixel_detail`).
   """
   coarse_latent = encode_masks(models['autoencoder'], ae_params, image[..., refine_data.COARSE], latent_scale)
   ra = latent_grid(image[..., refine_data.RA:refine_data.RA + 1])
@@ -131,15 +147,19 @@ def conditioning(models: dict, params: dict, ae_params: dict, latent_scale: floa
     ra = jnp.zeros_like(ra)
   tokens, pooled = models['image_encoder'].apply({'params': params['image_encoder']},
                                                  image[..., refine_data.RGB])
-  return {'coarse_latent': jax.lax.stop_gradient(coarse_latent), 'ra_map': ra, 'tokens': tokens,
+  cond = {'coarse_latent': jax.lax.stop_gradient(coarse_latent), 'ra_map': ra, 'tokens': tokens,
           'pooled': pooled}
+  if models['denoiser'].detail_channels:
+    cond['detail'] = space_to_depth(image[..., DETAIL_SOURCE])
+  return cond
 
 
 def denoise(models: dict, params: dict, z_t: jax.Array, t: jax.Array, cond: dict,
             drop_image: jax.Array) -> jax.Array:
   """eps_hat (B, h, w, C): the sampler's `denoise_fn` once params are bound."""
   return models['denoiser'].apply({'params': params['denoiser']}, z_t, t, cond['coarse_latent'],
-                                  cond['ra_map'], cond['tokens'], cond['pooled'], drop_image)
+                                  cond['ra_map'], cond['tokens'], cond['pooled'], drop_image,
+                                  cond.get('detail'))
 
 
 # ---------------------------------------------------------------- steps

@@ -154,9 +154,10 @@ def init_refiner_params(models: dict, key: jax.Array, tile: int, latent_channels
   tokens, pooled = models['image_encoder'].apply({'params': enc_params}, jnp.zeros((1, tile, tile, 3)))
   h = tile // refiner.LATENT_DOWNSAMPLE
   z = jnp.zeros((1, h, h, latent_channels))
+  p = models['denoiser'].detail_channels
   den_params = jax.jit(models['denoiser'].init)(
       k2, z, jnp.zeros((1,), jnp.int32), z, jnp.zeros((1, h, h, 1)), tokens, pooled,
-      jnp.zeros((1,), bool))['params']
+      jnp.zeros((1,), bool), jnp.zeros((1, h, h, p)) if p else None)['params']
   return {'image_encoder': enc_params, 'denoiser': den_params}
 
 
@@ -192,10 +193,19 @@ def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models
   d = config.diffusion
   sidecar, variables = refiner.load_checked(path, 'refiner')
   want = refiner.refiner_spec(d)
-  if sidecar['model'] != want:
+  # A refiner without pixel detail may start one with it: 'detail_in' starts at zero.
+  adds_detail = want.get('pixel_detail') and sidecar['model'] == {k: v for k, v in want.items()
+                                                                   if k != 'pixel_detail'}
+  if sidecar['model'] != want and not adds_detail:
     raise coarse.CheckpointError(f'{path}: refiner {sidecar["model"]} does not match config.diffusion {want}')
   refiner.check_refiner_matches(sidecar, ae_sidecar, None, str(path))
-  return checked_refiner_params(path, variables, models, d.tile_size, d.latent_channels), sidecar
+  if not adds_detail:
+    return checked_refiner_params(path, variables, models, d.tile_size, d.latent_channels), sidecar
+  plain = dict(models, denoiser=refiner.create_denoiser(sidecar['model']))
+  params = checked_refiner_params(path, variables, plain, d.tile_size, d.latent_channels)
+  fresh = init_refiner_params(models, jax.random.key(0), d.tile_size, d.latent_channels)
+  params['denoiser'] = {**params['denoiser'], 'detail_in': fresh['denoiser']['detail_in']}
+  return params, sidecar
 
 
 def train_refiner(config, workdir: str | pathlib.Path,
