@@ -61,7 +61,8 @@ class SampleOptions:
   tile_batch: int = 4
   decode: str = 'direct'
   # True: the image condition is the learned null at every step (an inference-time
-  # ablation of the image conditioning; guidance then has nothing to amplify).
+  # ablation of the image conditioning; guidance then has nothing to amplify). A
+  # pixel-detail refiner still sees the RGB pixels through its detail input.
   drop_image: bool = False
 
   @classmethod
