@@ -186,7 +186,8 @@ def holdout(config, workdir: pathlib.Path, overwrite: bool = False) -> pathlib.P
   _, held = sources.fold_split(data, d.num_folds, d.fold)
   probs, ras = zip(*(predictor.maps(image) for image in held.images))
   tmp = out.with_suffix('.tmp.npz')
-  np.savez_compressed(tmp, ids=np.array(held.ids), prob=to_u8(np.stack(probs)), ra_map=to_u8(np.stack(ras)), fov=held.fovs)
+  np.savez_compressed(tmp, ids=np.array(held.ids), prob=to_u8(np.stack(probs)), ra_map=to_u8(np.stack(ras)),
+                      fov=held.fovs)
   tmp.replace(out)
   log.info('wrote out-of-fold maps of %d images (%s) to %s', len(held), ', '.join(held.ids), out)
   return out
@@ -296,7 +297,7 @@ def sampling_tag(config) -> str:
   s = config.sample
   start = 'noise' if s.start == 'noise' else f'coarse{s.strength:g}'
   decode = '' if s.decode == 'direct' else f'_{s.decode}'
-  image = '_noimage' if s.get('drop_image', False) else ''
+  image = '_noimage' if s.drop_image else ''
   return f'ddim{s.steps}_g{s.guidance:g}_{start}_k{s.ensemble}{decode}{image}'
 
 

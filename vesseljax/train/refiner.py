@@ -66,7 +66,7 @@ def refiner_spec(dcfg) -> dict:
           'timesteps': int(dcfg.timesteps),
           'tile_size': int(dcfg.tile_size),
           # Only when on, so the specs (and hashes) of refiners without it are unchanged.
-          **({'pixel_detail': True} if dcfg.get('pixel_detail', False) else {})}
+          **({'pixel_detail': True} if dcfg.pixel_detail else {})}
 
 
 def create_autoencoder(spec: dict) -> autoencoder.MaskAutoencoder:

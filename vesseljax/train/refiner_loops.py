@@ -203,8 +203,9 @@ def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models
     return checked_refiner_params(path, variables, models, d.tile_size, d.latent_channels), sidecar
   plain = dict(models, denoiser=refiner.create_denoiser(sidecar['model']))
   params = checked_refiner_params(path, variables, plain, d.tile_size, d.latent_channels)
-  fresh = init_refiner_params(models, jax.random.key(0), d.tile_size, d.latent_channels)
-  params['denoiser'] = {**params['denoiser'], 'detail_in': fresh['denoiser']['detail_in']}
+  shapes = jax.eval_shape(lambda: init_refiner_params(models, jax.random.key(0), d.tile_size, d.latent_channels))
+  detail_in = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes['denoiser']['detail_in'])
+  params['denoiser'] = {**params['denoiser'], 'detail_in': detail_in}  # its init: zero kernel, zero bias
   return params, sidecar
 
 
