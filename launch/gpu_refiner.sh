@@ -35,6 +35,14 @@
 # If the out-of-fold maps are missing at FOLD_WAIT seconds, every variant uses
 # the degradation model (the log says so).
 #
+# Reusing earlier work (then phase A skips that part):
+#   AE=path/autoencoder.msgpack   a trained C = 4 autoencoder (its .json beside it)
+#   MAPS=a.npz,b.npz,...          out-of-fold holdout maps (all training images)
+#   SOURCE_KIND=oof+degrade       how the variants use them (default oof)
+#   EVALS=0                       train only: evaluate the weights elsewhere
+#   BENCH="forward_b2,ddim"       then launch/benchmark_refiner.py --figures=BENCH
+#                                 (--steps=BENCH_STEPS) until END, into OUT
+#
 # Outputs in OUT: refiner_oof.msgpack, refiner_degrade.msgpack (params-only EMA
 # weights), refiner_runs.tgz (sidecars, autoencoders, metrics, evaluation JSON
 # and markdown, holdout maps, logs). The small variants stay in RUNS.
@@ -51,12 +59,18 @@ STEPS=${STEPS:-6000}
 FOLD_WAIT=${FOLD_WAIT:-200}
 TRAIN_END=${TRAIN_END:-380}
 END=${END:-545}
-VARIANTS=${VARIANTS:-"oof degrade"}           # + noimage nora noedge nodice c64 (the ablations)
+VARIANTS=${VARIANTS:-"oof degrade"}           # + noimage nora noedge nodice c64 (the ablations), detail
 MAIN_EVALS=${MAIN_EVALS:-"50 10 30 100 coarse"}  # besides DDIM 20; "coarse" = start=coarse at DDIM 20
 ENSEMBLE=${ENSEMBLE:-5}
 EVAL_IMAGES=${EVAL_IMAGES:-0}                 # 0: the whole test split
 EXTRA=${EXTRA:-}                              # more --config overrides for every refiner command
 COARSE_EXTRA=${COARSE_EXTRA:-}                # ... for the fold runs
+AE=${AE:-}
+MAPS=${MAPS:-}
+SOURCE_KIND=${SOURCE_KIND:-oof}
+EVALS=${EVALS:-1}
+BENCH=${BENCH:-}
+BENCH_STEPS=${BENCH_STEPS:-20}
 PYTHON=${PYTHON:-python3}
 MAX_PARALLEL=${MAX_PARALLEL:-2}               # variant chains at a time (see the header)
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
@@ -92,26 +106,33 @@ ae_args() {  # <C> <workdir>
   echo "${a[@]}"
 }
 # One fold after another: folds 1-3 reuse fold 0's compiled steps (persistent cache).
-(for k in 0 1 2 3; do fold_chain "$k" > "$RUNS/fold$k.log" 2>&1; done) &
-# shellcheck disable=SC2046
-launch --mode=train_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/ae4.log" &
-ae4_pid=$!
+[ -n "$MAPS" ] || (for k in 0 1 2 3; do fold_chain "$k" > "$RUNS/fold$k.log" 2>&1; done) &
+if [ -n "$AE" ]; then
+  mkdir -p "$RUNS/ae4" && cp "$AE" "$RUNS/ae4/autoencoder.msgpack" && cp "$AE.json" "$RUNS/ae4/autoencoder.msgpack.json"
+  ae4_pid=0
+else
+  # shellcheck disable=SC2046
+  launch --mode=train_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/ae4.log" &
+  ae4_pid=$!
+fi
 if [[ " $VARIANTS " == *" c64 "* ]]; then
   # shellcheck disable=SC2046
   launch --mode=train_autoencoder $(ae_args 64 "$RUNS/ae64") > "$RUNS/ae64.log" &
   ae64_pid=$!
 fi
-wait "$ae4_pid"; log "ae4 done: $(grep -ho 'exported.*' "$RUNS/ae4.log" | tail -n 1)"
+[ "$ae4_pid" = 0 ] || wait "$ae4_pid"; log "ae4 done: $(grep -ho 'exported.*' "$RUNS/ae4.log" | tail -n 1)"
 # Reconstruction Dice of the test labels, for each autoencoder once trained.
 # shellcheck disable=SC2046
-(launch --mode=evaluate_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/eval_ae4.log"
+[ -n "$AE" ] || (launch --mode=evaluate_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/eval_ae4.log"
  while kill -0 "${ae64_pid:-0}" 2>/dev/null; do sleep 2; done
  [ -f "$RUNS/ae64/autoencoder.msgpack" ] &&
    launch --mode=evaluate_autoencoder $(ae_args 64 "$RUNS/ae64") > "$RUNS/eval_ae64.log") &
-while [ "$(now)" -lt "$FOLD_WAIT" ] && [ "$(ls "$RUNS"/fold*/holdout_maps.npz 2>/dev/null | wc -l)" -lt 4 ]; do sleep 2; done
-MAPS=$(ls "$RUNS"/fold*/holdout_maps.npz 2>/dev/null | paste -sd, -)
-if [ "$(echo "$MAPS" | tr ',' '\n' | grep -c npz)" -eq 4 ]; then
-  SOURCE=(--config.diffusion.coarse_source=oof --config.diffusion.coarse_maps="$MAPS")
+if [ -z "$MAPS" ]; then
+  while [ "$(now)" -lt "$FOLD_WAIT" ] && [ "$(ls "$RUNS"/fold*/holdout_maps.npz 2>/dev/null | wc -l)" -lt 4 ]; do sleep 2; done
+  MAPS=$(ls "$RUNS"/fold*/holdout_maps.npz 2>/dev/null | paste -sd, -)
+fi
+if [ "$(echo "$MAPS" | tr ',' '\n' | grep -c npz)" -ge 4 ]; then
+  SOURCE=(--config.diffusion.coarse_source="$SOURCE_KIND" --config.diffusion.coarse_maps="$MAPS")
   log "out-of-fold maps: $MAPS"
 else
   SOURCE=(--config.diffusion.coarse_source=degrade)
@@ -129,6 +150,7 @@ refiner_args() {  # <variant> -> the variant's config flags
     noedge) more=(--config.diffusion.edge_weight=0.0) ;;
     nodice) more=(--config.diffusion.dice_weight=0.0) ;;
     c64) ae="$RUNS/ae64/autoencoder.msgpack"; c=64 ;;
+    detail) more=(--config.diffusion.pixel_detail=True) ;;
   esac
   # shellcheck disable=SC2206
   echo --config="$CONFIG" --workdir="$RUNS/$v" --config.data.root="$DATA" --config.model.impl=reference \
@@ -150,6 +172,7 @@ variant_chain() {
   fi
   # shellcheck disable=SC2046
   launch --mode=train_refiner $(refiner_args "$v") --config.diffusion.max_train_seconds="$(left "$TRAIN_END")"
+  [ "$EVALS" = 1 ] || return 0
   evaluate "$v" 20
   if [ "$v" = oof ]; then
     for e in $MAIN_EVALS; do
@@ -167,8 +190,13 @@ while [ -n "$(jobs -rp)" ] && [ "$(now)" -lt "$END" ]; do
   log "$(for v in $VARIANTS; do printf '%s:%s ' "$v" "$(grep -o 'step [0-9]*/' "$RUNS/$v.log" 2>/dev/null | tail -n 1 | tr -dc 0-9)"; done)" \
       "evals done: $(ls "$RUNS"/*/eval_refined_*.json 2>/dev/null | wc -l)"
 done
+if [ -n "$BENCH" ] && [ "$(now)" -lt "$END" ]; then
+  log "benchmark: $BENCH"
+  timeout -k 5 "$(left "$END")" $PYTHON launch/benchmark_refiner.py --figures="$BENCH" --steps="$BENCH_STEPS" \
+    --repeats=5 --out="$OUT/benchmark_refiner_gpu.json" 2>&1 | grep -v "Delay kernel"
+fi
 log "collecting"
-for v in oof degrade; do
+for v in $VARIANTS; do
   [ -f "$RUNS/$v/refiner.msgpack" ] && cp "$RUNS/$v/refiner.msgpack" "$OUT/refiner_$v.msgpack"
 done
 (cd "$RUNS" && tar czf "$OUT/refiner_runs.tgz" ./*.log ./*/*.msgpack.json ./ae*/autoencoder.msgpack \
