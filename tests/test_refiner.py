@@ -279,6 +279,17 @@ def test_pixel_detail_refiner_warm_starts_as_the_plain_one_then_learns(trained, 
   detail.diffusion.coarse_checkpoint = str(workdir / 'params.msgpack')
   maps = _predictor(detail, tmp_path)(_samples(detail, 'test')[0].image)
   assert np.all(np.isfinite(maps['prob'])) and 0 <= maps['prob'].min() <= maps['prob'].max() <= 1
+  # drop_image hides the photo from the detail input too; without it the photo matters.
+  rng = np.random.default_rng(3)
+  coarse_prob, ra = rng.random((2, 40, 48)).astype(np.float32)
+  photo, other = rng.random((2, 40, 48, 3)).astype(np.float32)
+  for drop in (True, False):
+    predictor = _predictor(copy.deepcopy(detail), tmp_path, drop_image=drop, start='coarse', ensemble=1)
+    with_photo, with_other = (predictor.refine_work(x, coarse_prob, ra)[0] for x in (photo, other))
+    if drop:
+      np.testing.assert_array_equal(with_photo, with_other)
+    else:
+      assert np.abs(with_photo - with_other).max() > 0
   # A plain run cannot start from a pixel-detail refiner.
   plain = copy.deepcopy(config)
   plain.diffusion.init_checkpoint = str(tmp_path / 'refiner.msgpack')

@@ -60,9 +60,10 @@ class SampleOptions:
   seed: int = 0
   tile_batch: int = 4
   decode: str = 'direct'
-  # True: the image condition is the learned null at every step (an inference-time
-  # ablation of the image conditioning; guidance then has nothing to amplify). A
-  # pixel-detail refiner still sees the RGB pixels through its detail input.
+  # True: the refiner never sees the photo (an inference-time ablation of the image
+  # conditioning): the image condition is the learned null at every step (guidance
+  # then has nothing to amplify) and the RGB pixels it would read are zeros (black,
+  # as outside the FOV), which a pixel-detail refiner's detail input sees.
   drop_image: bool = False
 
   @classmethod
@@ -173,7 +174,8 @@ class RefinedPredictor:
     t, o = self.tile, self.options
     ph, pw = max(h, t), max(w, t)
     packed = np.zeros((ph, pw, refine_data.NUM_CHANNELS), np.float32)
-    packed[:h, :w, refine_data.RGB] = rgb_work
+    if not o.drop_image:
+      packed[:h, :w, refine_data.RGB] = rgb_work
     packed[:h, :w, refine_data.COARSE] = coarse_prob
     packed[:h, :w, refine_data.RA] = ra_map
     overlap = self.overlap
