@@ -15,27 +15,40 @@
 # Variants: NAME names the workdir ($RUNS/$NAME) and EXTRA adds config flags, e.g.
 #   NAME=drive_refiner_detail EXTRA=--config.diffusion.pixel_detail=True DECODES=direct \
 #     bash launch/cpu_refiner_finetune.sh
+# Another dataset: CONFIG, its coarse model COARSE, the refiner to start from
+# INIT (its autoencoder AE, a path without .msgpack), SOURCE=degrade (no folds:
+# DEGRADE_VARIANTS degraded maps per training image), e.g.
+#   CONFIG=configs/chase.py COARSE=weights/chase_db1_lunet_ra.msgpack SOURCE=degrade \
+#     INIT=$HOME/runs/s5_oof/refiner.msgpack DECODES=direct bash launch/cpu_refiner_finetune.sh
 set -eu
 RUNS=${1:-$HOME/runs}
 FT_STEPS=${FT_STEPS:-1200}; FT_SECONDS=${FT_SECONDS:-2400}
 PYTHON=${PYTHON:-python}
-NAME=${NAME:-drive_refiner_oof}; EXTRA=${EXTRA:-}; DECODES=${DECODES:-direct residual}
+CONFIG=${CONFIG:-configs/drive.py}; DATASET=$(basename "$CONFIG" .py)
+COARSE=${COARSE:-weights/drive_lunet_ra.msgpack}
+INIT=${INIT:-weights/drive_refiner_degrade.msgpack}; AE=${AE:-weights/drive_autoencoder_c4}
+SOURCE=${SOURCE:-oof+degrade}
+NAME=${NAME:-${DATASET}_refiner_oof}; EXTRA=${EXTRA:-}; DECODES=${DECODES:-direct residual}
 HERE=$(cd "$(dirname "$0")" && pwd)
 W=$RUNS/$NAME
-PYTHON=$PYTHON bash "$HERE/cpu_oof_folds.sh" configs/drive.py "$RUNS/drive_oof"
-MAPS=$(ls "$RUNS"/drive_oof/fold*/holdout_maps.npz | paste -sd, -)
+PAIRS=(--config.diffusion.coarse_source="$SOURCE")
+if [[ $SOURCE == *oof* ]]; then
+  PYTHON=$PYTHON bash "$HERE/cpu_oof_folds.sh" "$CONFIG" "$RUNS/${DATASET}_oof"
+  PAIRS+=(--config.diffusion.coarse_maps="$(ls "$RUNS/${DATASET}"_oof/fold*/holdout_maps.npz | paste -sd, -)"
+          --config.diffusion.degrade_variants="${DEGRADE_VARIANTS:-1}")
+else
+  PAIRS+=(--config.diffusion.degrade_variants="${DEGRADE_VARIANTS:-4}")
+fi
 mkdir -p "$W"
-for ext in msgpack msgpack.json; do  # the autoencoder the committed refiner was trained with
-  [ -f "$W/autoencoder.$ext" ] || cp "weights/drive_autoencoder_c4.$ext" "$W/autoencoder.$ext"
+for ext in msgpack msgpack.json; do  # the autoencoder the refiner to start from was trained with
+  [ -f "$W/autoencoder.$ext" ] || cp "$AE.$ext" "$W/autoencoder.$ext"
 done
-$PYTHON -m vesseljax.launch --config=configs/drive.py --mode=train_refiner --workdir="$W" \
-  --config.diffusion.init_checkpoint=weights/drive_refiner_degrade.msgpack \
-  --config.diffusion.coarse_source=oof+degrade --config.diffusion.coarse_maps="$MAPS" \
-  --config.diffusion.degrade_variants=1 --config.diffusion.num_steps="$FT_STEPS" \
+$PYTHON -m vesseljax.launch --config="$CONFIG" --mode=train_refiner --workdir="$W" \
+  --config.diffusion.init_checkpoint="$INIT" "${PAIRS[@]}" --config.diffusion.num_steps="$FT_STEPS" \
   --config.diffusion.learning_rate=1e-4 --config.diffusion.warmup_steps=50 \
   --config.diffusion.max_train_seconds="$FT_SECONDS" --config.diffusion.checkpoint_every=100 $EXTRA
 for decode in $DECODES; do
-  $PYTHON -m vesseljax.launch --config=configs/drive.py --mode=evaluate_refined --workdir="$W" $EXTRA \
-    --config.diffusion.coarse_checkpoint=weights/drive_lunet_ra.msgpack \
+  $PYTHON -m vesseljax.launch --config="$CONFIG" --mode=evaluate_refined --workdir="$W" $EXTRA \
+    --config.diffusion.coarse_checkpoint="$COARSE" \
     --config.sample.start=coarse --config.sample.decode=$decode || echo "evaluate ($decode): exit $?"
 done
