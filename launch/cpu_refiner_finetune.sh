@@ -5,10 +5,11 @@
 #
 # 1. launch/cpu_oof_folds.sh: 4 LU-Net+RA fold runs (FOLD_STEPS each) and their
 #    out-of-fold maps of the 20 training images (skipped where they exist);
-# 2. fine-tunes the committed refiner (weights/drive_refiner_degrade.msgpack:
-#    3,279 H100 steps on degradation pairs) on 'oof+degrade' pairs (each training
-#    image once with its out-of-fold maps, once degraded), FT_STEPS planned steps,
-#    stopped after FT_SECONDS (checkpointed, exported; rerun to resume);
+# 2. fine-tunes a refiner (INIT; default the committed weights/drive_refiner.msgpack;
+#    the third session's run started from the degrade refiner, see BUILD_NOTES.md)
+#    on 'oof+degrade' pairs (each training image once with its out-of-fold
+#    maps, once degraded), FT_STEPS planned steps, stopped after FT_SECONDS
+#    (checkpointed, exported; rerun to resume);
 # 3. evaluates it on the DRIVE test split, Diff(20) from the coarse latent
 #    noised halfway, k = 5, with 'direct' and 'residual' decoding (DECODES).
 #
@@ -26,7 +27,7 @@ FT_STEPS=${FT_STEPS:-1200}; FT_SECONDS=${FT_SECONDS:-2400}
 PYTHON=${PYTHON:-python}
 CONFIG=${CONFIG:-configs/drive.py}; DATASET=$(basename "$CONFIG" .py)
 COARSE=${COARSE:-weights/drive_lunet_ra.msgpack}
-INIT=${INIT:-weights/drive_refiner_degrade.msgpack}; AE=${AE:-weights/drive_autoencoder_c4}
+INIT=${INIT:-weights/drive_refiner.msgpack}; AE=${AE:-weights/drive_autoencoder_c4}
 SOURCE=${SOURCE:-oof+degrade}
 NAME=${NAME:-${DATASET}_refiner_oof}; EXTRA=${EXTRA:-}; DECODES=${DECODES:-direct residual}
 HERE=$(cd "$(dirname "$0")" && pwd)
