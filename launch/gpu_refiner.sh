@@ -43,9 +43,13 @@
 #   BENCH="forward_b2,ddim"       then launch/benchmark_refiner.py --figures=BENCH
 #                                 (--steps=BENCH_STEPS) until END, into OUT
 #
-# Outputs in OUT: refiner_oof.msgpack, refiner_degrade.msgpack (params-only EMA
+# The AE/MAPS/EVALS=0 path ran on an H100 in the fifth session (two variants at
+# once; BUILD_NOTES.md); the fold ordering above still has not.
+#
+# Outputs in OUT: refiner_<variant>.msgpack for each variant (params-only EMA
 # weights), refiner_runs.tgz (sidecars, autoencoders, metrics, evaluation JSON
-# and markdown, holdout maps, logs). The small variants stay in RUNS.
+# and markdown, holdout maps, logs), benchmark_refiner_gpu.json (BENCH). The device
+# tool returns at most 8 files: with all seven variants, leave BENCH off.
 set -u
 DATA=${DATA:-../shared/datasets}
 RUNS=${RUNS:-$HOME/runs/gpu_refiner}
@@ -109,7 +113,6 @@ ae_args() {  # <C> <workdir>
 [ -n "$MAPS" ] || (for k in 0 1 2 3; do fold_chain "$k" > "$RUNS/fold$k.log" 2>&1; done) &
 if [ -n "$AE" ]; then
   mkdir -p "$RUNS/ae4" && cp "$AE" "$RUNS/ae4/autoencoder.msgpack" && cp "$AE.json" "$RUNS/ae4/autoencoder.msgpack.json"
-  ae4_pid=0
 else
   # shellcheck disable=SC2046
   launch --mode=train_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/ae4.log" &
@@ -120,7 +123,8 @@ if [[ " $VARIANTS " == *" c64 "* ]]; then
   launch --mode=train_autoencoder $(ae_args 64 "$RUNS/ae64") > "$RUNS/ae64.log" &
   ae64_pid=$!
 fi
-[ "$ae4_pid" = 0 ] || wait "$ae4_pid"; log "ae4 done: $(grep -ho 'exported.*' "$RUNS/ae4.log" | tail -n 1)"
+if [ -n "$AE" ]; then log "autoencoder: $AE"
+else wait "$ae4_pid"; log "ae4 done: $(grep -ho 'exported.*' "$RUNS/ae4.log" | tail -n 1)"; fi
 # Reconstruction Dice of the test labels, for each autoencoder once trained.
 # shellcheck disable=SC2046
 [ -n "$AE" ] || (launch --mode=evaluate_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/eval_ae4.log"
