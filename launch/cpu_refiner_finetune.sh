@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The DRIVE refiner on out-of-fold training pairs, on this CPU:
+# A refiner fine-tuned on out-of-fold training pairs, on this CPU (DRIVE unless
+# CONFIG says otherwise, below):
 #
 #   bash launch/cpu_refiner_finetune.sh [$HOME/runs]
 #
@@ -10,7 +11,7 @@
 #    on 'oof+degrade' pairs (each training image once with its out-of-fold
 #    maps, once degraded), FT_STEPS planned steps, stopped after FT_SECONDS
 #    (checkpointed, exported; rerun to resume);
-# 3. evaluates it on the DRIVE test split, Diff(20) from the coarse latent
+# 3. evaluates it on the test split, Diff(20) from the coarse latent
 #    noised halfway, k = 5, with 'direct' and 'residual' decoding (DECODES).
 #
 # Variants: NAME names the workdir ($RUNS/$NAME) and EXTRA adds config flags, e.g.
@@ -20,7 +21,7 @@
 # INIT (its autoencoder AE, a path without .msgpack), SOURCE=degrade (no folds:
 # DEGRADE_VARIANTS degraded maps per training image), e.g.
 #   CONFIG=configs/chase.py COARSE=weights/chase_db1_lunet_ra.msgpack SOURCE=degrade \
-#     INIT=$HOME/runs/s5_oof/refiner.msgpack DECODES=direct bash launch/cpu_refiner_finetune.sh
+#     DECODES=direct bash launch/cpu_refiner_finetune.sh
 set -eu
 RUNS=${1:-$HOME/runs}
 FT_STEPS=${FT_STEPS:-1200}; FT_SECONDS=${FT_SECONDS:-2400}

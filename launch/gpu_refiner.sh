@@ -127,7 +127,7 @@ if [ -n "$AE" ]; then log "autoencoder: $AE"
 else wait "$ae4_pid"; log "ae4 done: $(grep -ho 'exported.*' "$RUNS/ae4.log" | tail -n 1)"; fi
 # Reconstruction Dice of the test labels, for each autoencoder once trained.
 # shellcheck disable=SC2046
-[ -n "$AE" ] || (launch --mode=evaluate_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/eval_ae4.log"
+(if [ -z "$AE" ]; then launch --mode=evaluate_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/eval_ae4.log"; fi
  while kill -0 "${ae64_pid:-0}" 2>/dev/null; do sleep 2; done
  [ -f "$RUNS/ae64/autoencoder.msgpack" ] &&
    launch --mode=evaluate_autoencoder $(ae_args 64 "$RUNS/ae64") > "$RUNS/eval_ae64.log") &
