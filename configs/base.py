@@ -111,6 +111,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.use_image = True
   config.diffusion.use_ra = True
   config.diffusion.cfg_drop_prob = 0.1  # image condition -> learned null
+  # Coarse-condition dropout (a departure): with this probability per example the
+  # coarse latent, RA map and detail coarse pixels are zeros, so the denoiser must
+  # learn the vessels from the photo alone too (0: off, the paper).
+  config.diffusion.coarse_drop_prob = 0.0
   # Losses: L_DDPM + dice_weight * Dice + edge_weight * Edge on the decoded x0 estimate.
   config.diffusion.dice_weight = 0.5
   config.diffusion.edge_weight = 0.3
@@ -150,6 +154,9 @@ def get_config() -> ml_collections.ConfigDict:
   # so an identity refiner returns the coarse map, not its autoencoder round trip.
   config.sample.decode = 'direct'
   config.sample.drop_image = False  # True: the learned null image condition (ablation at sampling)
+  # True: the coarse condition is zeros at every step (what the refiner draws from the
+  # photo alone); needs start='noise' and decode='direct', which read the coarse map.
+  config.sample.drop_coarse = False
   config.sample.uncertain_variance = 0.01  # uncertainty overlay: pixels at or above this variance
 
   # ---- evaluation / prediction ----

@@ -162,6 +162,40 @@ def test_refiner_step_on_4_devices_equals_1_device(mask_losses):
   np.testing.assert_allclose(e1, decay * p0 + (1 - decay) * p1, atol=1e-6)
 
 
+@pytest.mark.parametrize('pixel_detail', [False, True])
+def test_coarse_dropout_hides_the_coarse_map_and_ra_from_the_step(pixel_detail):
+  """coarse_drop_prob = 1: the step does not depend on the coarse-map and RA channels; 0: it does."""
+  config = tiny_refiner_config()
+  d = config.diffusion
+  d.pixel_detail = pixel_detail
+  d.tile_size = tile = 32
+  models = _tiny_models(config)
+  ae_params = _perturb(models['autoencoder'].init(jax.random.key(1), jnp.zeros((1, tile, tile, 1)))['params'],
+                       jax.random.key(4))
+  params = _perturb(refiner_loops.init_refiner_params(models, jax.random.key(2), tile, d.latent_channels),
+                    jax.random.key(3))
+  state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=optax.sgd(0.1),
+                                       ema_params=params)
+  data = refine_data.refiner_dataset(config, _samples(config))
+  batch = pipeline.PatchSampler(data, seed=0, batch_size=2, patch_size=tile).batch(0)
+  other = dict(batch, image=batch['image'].copy())
+  rng = np.random.default_rng(0)
+  other['image'][..., refine_data.COARSE] = rng.random(other['image'].shape[:3])
+  other['image'][..., refine_data.RA] = rng.random(other['image'].shape[:3])
+  schedule = schedule_lib.cosine_schedule(1000)
+  for prob in (1.0, 0.0):
+    d.coarse_drop_prob = prob
+    step = refiner.make_refiner_step(config, models, schedule, 1.3, None, devices=jax.local_devices()[:1])
+    (s_a, m_a), (s_b, m_b) = (step(state, pipeline.shard(x, 1), jax.random.key(5), ae_params)
+                              for x in (batch, other))
+    same = np.array_equal(np.asarray(m_a['loss']), np.asarray(m_b['loss'])) and all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s_a.params), jax.tree.leaves(s_b.params)))
+    assert same == (prob == 1.0), prob
+  assert refiner_loops._coarse_drop(d) == {}  # pylint: disable=protected-access
+  d.coarse_drop_prob = 0.5
+  assert refiner_loops._coarse_drop(d) == {'coarse_drop_prob': 0.5}  # pylint: disable=protected-access
+
+
 # ---------------------------------------------------------------- loops, inference, stages
 
 @pytest.fixture(scope='module')
@@ -355,6 +389,21 @@ def test_drop_image_makes_the_refined_map_independent_of_the_photo(trained):
   assert stages.sampling_tag(tagged).endswith('_noimage')
 
 
+def test_drop_coarse_makes_the_refined_map_independent_of_the_coarse_map(trained):
+  config, workdir = trained
+  rng = np.random.default_rng(4)
+  coarse_prob, other_prob, ra, other_ra = rng.random((4, 40, 48)).astype(np.float32)
+  photo = rng.random((40, 48, 3)).astype(np.float32)
+  dropped = _predictor(copy.deepcopy(config), workdir, drop_coarse=True, start='noise')
+  np.testing.assert_array_equal(dropped.refine_work(photo, coarse_prob, ra)[0],
+                                dropped.refine_work(photo, other_prob, other_ra)[0])
+  plain = _predictor(copy.deepcopy(config), workdir, start='noise')
+  assert np.abs(plain.refine_work(photo, coarse_prob, ra)[0] - plain.refine_work(photo, other_prob, other_ra)[0]).max() > 0
+  tagged = copy.deepcopy(config)
+  tagged.sample.drop_coarse = True
+  assert stages.sampling_tag(tagged).endswith('_nocoarse')
+
+
 def test_residual_decoding_returns_the_coarse_map_when_the_sampler_returns_its_latent(trained, monkeypatch):
   """With z0 = E(p_c) (a refiner that learned the identity), 'residual' gives p_c back; 'direct' gives D(E(p_c))."""
   config, workdir = trained
@@ -390,7 +439,8 @@ def test_tiles_cover_the_image_and_blend_to_the_value_of_equal_tiles():
 @pytest.mark.parametrize('field, value, match', [
     ('steps', 0, 'sample.steps'), ('steps', 1001, 'sample.steps'), ('guidance', -1.0, 'guidance'),
     ('guidance', float('nan'), 'guidance'), ('eta', 1.5, 'eta'), ('start', 'middle', 'start'),
-    ('strength', 0.0, 'strength'), ('ensemble', 0, 'ensemble'), ('decode', 'logit', 'decode')])
+    ('strength', 0.0, 'strength'), ('ensemble', 0, 'ensemble'), ('decode', 'logit', 'decode'),
+    ('drop_coarse', True, 'drop_coarse')])
 def test_bad_sampling_options_are_refused(field, value, match):
   options = refine.SampleOptions(**{'start': 'coarse', field: value})
   with pytest.raises(ValueError, match=match):

@@ -65,6 +65,11 @@ class SampleOptions:
   # then has nothing to amplify) and the RGB pixels it would read are zeros (black,
   # as outside the FOV), which a pixel-detail refiner's detail input sees.
   drop_image: bool = False
+  # True: the coarse condition (coarse latent, RA map, coarse pixels of the detail
+  # input) is zeros at every step, as in coarse-condition dropout: what the refiner
+  # draws from the photo alone. Needs start='noise' and decode='direct' (the others
+  # read the coarse map).
+  drop_coarse: bool = False
 
   @classmethod
   def from_config(cls, sample_config) -> 'SampleOptions':
@@ -89,6 +94,9 @@ class SampleOptions:
       raise ValueError(f"sample.start={self.start!r} must be 'noise' or 'coarse'")
     if self.decode not in DECODES:
       raise ValueError(f'sample.decode={self.decode!r} must be one of {DECODES}')
+    if self.drop_coarse and (self.start != 'noise' or self.decode != 'direct'):
+      raise ValueError(f"sample.drop_coarse=True needs sample.start='noise' and sample.decode='direct' "
+                       f"(given {self.start!r}, {self.decode!r}): both others read the coarse map")
     if self.ensemble < 1 or self.tile_batch < 1:
       raise ValueError(f'sample.ensemble={self.ensemble} and sample.tile_batch={self.tile_batch} must be >= 1')
 
@@ -139,7 +147,9 @@ class RefinedPredictor:
   def _sample_tiles(self, params, ae_params, tiles, keys):
     """(k, B, T, T) probabilities: k DDIM trajectories (vmapped) for B packed tiles (B, T, T, 5)."""
     o = self.options
-    cond = refiner.conditioning(self.models, params, ae_params, self.scale, tiles, use_ra=self.use_ra)
+    drop_coarse = jnp.ones(tiles.shape[:1], bool) if o.drop_coarse else None
+    cond = refiner.conditioning(self.models, params, ae_params, self.scale, tiles, use_ra=self.use_ra,
+                                drop_coarse=drop_coarse)
     force_drop = not self.use_image or o.drop_image
 
     def denoise_fn(z_t, t, c, drop_image):

@@ -298,7 +298,8 @@ def sampling_tag(config) -> str:
   start = 'noise' if s.start == 'noise' else f'coarse{s.strength:g}'
   decode = '' if s.decode == 'direct' else f'_{s.decode}'
   image = '_noimage' if s.drop_image else ''
-  return f'ddim{s.steps}_g{s.guidance:g}_{start}_k{s.ensemble}{decode}{image}'
+  coarse_map = '_nocoarse' if s.drop_coarse else ''
+  return f'ddim{s.steps}_g{s.guidance:g}_{start}_k{s.ensemble}{decode}{image}{coarse_map}'
 
 
 def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite: bool = False) -> dict:

@@ -12,7 +12,10 @@ the two pure train steps, pmapped over `steps.AXIS` like the coarse model's:
                         + edge_weight * Edge(D(x0_hat / s), label)),  x0_hat clipped to +-5
                     with E, D the frozen autoencoder, s its latent scale, the
                     image condition dropped to the learned null with
-                    probability cfg_drop_prob, and an EMA of the params.
+                    probability cfg_drop_prob, the coarse condition (coarse
+                    latent, RA map, coarse pixels of the detail input) set
+                    to zeros with probability coarse_drop_prob, and an EMA
+                    of the params.
 
 Checkpoint compatibility: the autoencoder's sidecar holds its spec hash and the
 latent scale; the refiner's sidecar holds its own spec hash and the hashes of
@@ -132,8 +135,15 @@ def decode_probs(ae: nn.Module, ae_params: dict, z: jax.Array, latent_scale: flo
 
 
 def conditioning(models: dict, params: dict, ae_params: dict, latent_scale: float,
-                 image: jax.Array, *, use_ra: bool) -> dict:
+                 image: jax.Array, *, use_ra: bool, drop_coarse: Optional[jax.Array] = None) -> dict:
   """The denoiser's condition for packed tiles (B, T, T, 5) (see data/refine_data.py).
+
+  `drop_coarse` (B,) bool, where True, sets that example's coarse condition
+  (coarse latent, RA map and the coarse-map pixels of the detail input) to
+  zeros: the denoiser then has only the photo (coarse-condition dropout,
+  `diffusion.coarse_drop_prob`; `sample.drop_coarse`). A zero latent is not
+  the latent of any mask (E(empty mask) is not zero), so "no coarse map" is
+  not confused with "a coarse map without vessels".
 
   Returns:
     {'coarse_latent' (B, T/4, T/4, C), 'ra_map' (B, T/4, T/4, 1) (zeros when
@@ -145,6 +155,11 @@ def conditioning(models: dict, params: dict, ae_params: dict, latent_scale: floa
   ra = latent_grid(image[..., refine_data.RA:refine_data.RA + 1])
   if not use_ra:
     ra = jnp.zeros_like(ra)
+  if drop_coarse is not None:
+    keep = jnp.where(drop_coarse, 0.0, 1.0).astype(image.dtype)[:, None, None]  # (B, 1, 1)
+    coarse_latent = coarse_latent * keep[..., None]
+    ra = ra * keep[..., None]
+    image = image.at[..., refine_data.COARSE].multiply(keep)
   tokens, pooled = models['image_encoder'].apply({'params': params['image_encoder']},
                                                  image[..., refine_data.RGB])
   cond = {'coarse_latent': jax.lax.stop_gradient(coarse_latent), 'ra_map': ra, 'tokens': tokens,
@@ -200,7 +215,8 @@ def autoencoder_step(state: TrainState, batch: dict, key: jax.Array, *, ae: nn.M
 def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: dict, *,
                  models: dict, schedule: schedule_lib.Schedule, latent_scale: float,
                  augment_fn: Optional[Callable], use_image: bool, use_ra: bool, cfg_drop_prob: float,
-                 dice_weight: float, edge_weight: float, ema_decay: float) -> tuple[EMATrainState, dict]:
+                 dice_weight: float, edge_weight: float, ema_decay: float,
+                 coarse_drop_prob: float = 0.0) -> tuple[EMATrainState, dict]:
   """One denoiser + image-encoder step (call under pmap over AXIS); see the module docstring.
 
   Args:
@@ -216,12 +232,15 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
   drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), cfg_drop_prob))(keys)
   if not use_image:
     drop = jnp.ones_like(drop)
+  drop_coarse = None  # None (not all False): runs without it compute exactly what they did before it
+  if coarse_drop_prob > 0:
+    drop_coarse = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 3), coarse_drop_prob))(keys)
   z0 = jax.lax.stop_gradient(encode_masks(models['autoencoder'], ae_params, label, latent_scale))
   noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), z0.shape[1:]))(keys)
   z_t = schedule_lib.q_sample(schedule, z0, t, noise)
 
   def loss_fn(params):
-    cond = conditioning(models, params, ae_params, latent_scale, image, use_ra=use_ra)
+    cond = conditioning(models, params, ae_params, latent_scale, image, use_ra=use_ra, drop_coarse=drop_coarse)
     eps = denoise(models, params, z_t, t, cond, drop)
     ddpm = jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
     # x0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies eps errors by up to
@@ -269,7 +288,8 @@ def make_refiner_step(config, models: dict, schedule: schedule_lib.Schedule, lat
       refiner_step, models=models, schedule=schedule, latent_scale=float(latent_scale),
       augment_fn=augment_fn, use_image=bool(d.use_image), use_ra=bool(d.use_ra),
       cfg_drop_prob=float(d.cfg_drop_prob), dice_weight=float(d.dice_weight),
-      edge_weight=float(d.edge_weight), ema_decay=float(d.ema_decay))
+      edge_weight=float(d.edge_weight), ema_decay=float(d.ema_decay),
+      coarse_drop_prob=float(d.coarse_drop_prob))
   return pmap_step(fn, devices, num_unmapped_extra=1)
 
 
