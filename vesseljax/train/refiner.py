@@ -142,8 +142,9 @@ def conditioning(models: dict, params: dict, ae_params: dict, latent_scale: floa
   (coarse latent, RA map and the coarse-map pixels of the detail input) to
   zeros: the denoiser then has only the photo (coarse-condition dropout,
   `diffusion.coarse_drop_prob`; `sample.drop_coarse`). A zero latent is not
-  the latent of any mask (E(empty mask) is not zero), so "no coarse map" is
-  not confused with "a coarse map without vessels".
+  the latent of an empty mask (E(empty mask) has rms ~0.8 for the released
+  C = 4 autoencoder; BUILD_NOTES.md), so "no coarse map" is not confused with
+  "a coarse map without vessels".
 
   Returns:
     {'coarse_latent' (B, T/4, T/4, C), 'ra_map' (B, T/4, T/4, 1) (zeros when
