@@ -123,6 +123,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.ae_steps = 600
   config.diffusion.ae_learning_rate = 2e-3
   config.diffusion.ae_batch_size = 8
+  # The loss on the coarse-map tiles: 'l2+dice' (the paper; it sharpens soft maps)
+  # or 'l2+kl' (Bernoulli KL, zero only at the input: soft maps come back soft).
+  config.diffusion.ae_coarse_loss = 'l2+dice'
+  # An exported autoencoder.msgpack to start from, and whether its encoder trains.
+  # ae_train_encoder=False re-fits the decoder alone: same latents and latent scale,
+  # so refiners trained with the original autoencoder work with the new one.
+  config.diffusion.ae_init_checkpoint = ''
+  config.diffusion.ae_train_encoder = True
   # Denoiser training.
   config.diffusion.num_steps = 2000
   # An exported refiner.msgpack to start from (fine-tuning, e.g. a refiner trained

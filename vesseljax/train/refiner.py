@@ -7,6 +7,8 @@ tree {'image_encoder': ..., 'denoiser': ...}). This module builds them from
 the two pure train steps, pmapped over `steps.AXIS` like the coarse model's:
 
   autoencoder_step  masks (labels and coarse maps) -> L2 + Dice reconstruction
+                    (or L2 + KL on the coarse maps, diffusion.ae_coarse_loss;
+                    optionally the decoder alone, `decoder_only`)
   refiner_step      z0 = s * E(label), z_t = q_sample(z0, t, eps);
                     L = ||eps - eps_hat||^2 + abar_t * (dice_weight * Dice(D(x0_hat / s), label)
                         + edge_weight * Edge(D(x0_hat / s), label)),  x0_hat clipped to +-5
@@ -188,29 +190,73 @@ def _augment(batch: dict, key: jax.Array, step: jax.Array, augment_fn: Optional[
   return image, label, fov
 
 
-def autoencoder_loss(ae: nn.Module, params: dict, masks: jax.Array) -> tuple[jax.Array, dict]:
-  """Per-example L2 + (1 - soft Dice) of the reconstruction of (B, H, W) masks in [0, 1]."""
-  prob = jax.nn.sigmoid(ae.apply({'params': params}, masks[..., None])[..., 0])
+# How the autoencoder scores its reconstruction of the coarse-map tiles (labels
+# always get L2 + Dice). 'l2+dice' is the paper's; 'l2+kl' replaces the Dice
+# term by the Bernoulli KL divergence KL(q || p) per pixel, which is zero only at
+# p = q, so a soft coarse map comes back soft (Dice on a soft target rewards a
+# sharpened map; see BUILD_NOTES.md).
+AE_COARSE_LOSSES = ('l2+dice', 'l2+kl')
+
+
+def autoencoder_loss(ae: nn.Module, params: dict, masks: jax.Array,
+                     kind: str = 'l2+dice') -> tuple[jax.Array, dict]:
+  """Per-example reconstruction loss of (B, H, W) masks in [0, 1]: L2 + (1 - soft Dice) or L2 + KL.
+
+  Returns:
+    (loss (B,), parts): parts 'l2', 'dice_soft' (always, for the logs) and, for
+    'l2+kl', 'kl' (mean per-pixel KL(mask || reconstruction), nats).
+  """
+  if kind not in AE_COARSE_LOSSES:
+    raise ValueError(f'autoencoder loss must be one of {AE_COARSE_LOSSES}, got {kind!r}')
+  logits = ae.apply({'params': params}, masks[..., None])[..., 0]
+  prob = jax.nn.sigmoid(logits)
   ones = jnp.ones_like(masks)
   l2 = jnp.mean((prob - masks) ** 2, axis=(1, 2))
   dice = losses.soft_dice_loss(prob, masks, ones)
-  return l2 + dice, {'l2': l2, 'dice_soft': 1.0 - dice}
+  parts = {'l2': l2, 'dice_soft': 1.0 - dice}
+  if kind == 'l2+dice':
+    return l2 + dice, parts
+  # KL(q || p) = BCE(logits, q) - H(q): the cross-entropy less its minimum.
+  q = jnp.clip(masks, 1e-6, 1.0 - 1e-6)
+  entropy = -(q * jnp.log(q) + (1.0 - q) * jnp.log1p(-q))
+  kl = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, masks) - entropy, axis=(1, 2))
+  return l2 + kl, {**parts, 'kl': kl}
 
 
 def autoencoder_step(state: TrainState, batch: dict, key: jax.Array, *, ae: nn.Module,
-                     augment_fn: Optional[Callable]) -> tuple[TrainState, dict]:
-  """One step on labels and coarse maps of packed tiles (call under pmap over AXIS)."""
+                     augment_fn: Optional[Callable], coarse_loss: str = 'l2+dice') -> tuple[TrainState, dict]:
+  """One step on labels and coarse maps of packed tiles (call under pmap over AXIS).
+
+  Labels are scored with L2 + Dice, the coarse maps with `coarse_loss`.
+  """
   image, label, _ = _augment(batch, key, state.step, augment_fn)
   masks = jnp.concatenate([label, image[..., refine_data.COARSE]], axis=0)
 
   def loss_fn(params):
-    per_example, parts = autoencoder_loss(ae, params, masks)
+    if coarse_loss == 'l2+dice':  # one loss over both halves (as before the option)
+      per_example, parts = autoencoder_loss(ae, params, masks)
+    else:
+      on_labels, label_parts = autoencoder_loss(ae, params, label)
+      on_coarse, coarse_parts = autoencoder_loss(ae, params, image[..., refine_data.COARSE], coarse_loss)
+      per_example = jnp.concatenate([on_labels, on_coarse])
+      parts = {'l2': jnp.concatenate([label_parts['l2'], coarse_parts['l2']]),
+               'dice_soft': label_parts['dice_soft'], 'kl_coarse': coarse_parts['kl']}
     return jnp.mean(per_example), parts
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   metrics = {'loss': loss, **{k: jnp.mean(v) for k, v in parts.items()}}
   return state.apply_gradients(grads=grads), jax.lax.pmean(metrics, AXIS)
+
+
+def decoder_only(tx: optax.GradientTransformation, params: dict) -> optax.GradientTransformation:
+  """`tx` on the decoder's params, the encoder's ('enc_*') frozen: its updates are zero.
+
+  A decoder trained this way keeps the latent space, so refiners trained with
+  the original autoencoder stay valid beside it.
+  """
+  labels = {name: 'frozen' if name.startswith('enc_') else 'train' for name in params}
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
 def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: dict, *,
@@ -294,5 +340,9 @@ def make_refiner_step(config, models: dict, schedule: schedule_lib.Schedule, lat
   return pmap_step(fn, devices, num_unmapped_extra=1)
 
 
-def make_autoencoder_step(ae: nn.Module, augment_fn: Optional[Callable], devices=None) -> Callable:
-  return pmap_step(functools.partial(autoencoder_step, ae=ae, augment_fn=augment_fn), devices)
+def make_autoencoder_step(ae: nn.Module, augment_fn: Optional[Callable], devices=None,
+                          coarse_loss: str = 'l2+dice') -> Callable:
+  if coarse_loss not in AE_COARSE_LOSSES:
+    raise ValueError(f'diffusion.ae_coarse_loss must be one of {AE_COARSE_LOSSES}, got {coarse_loss!r}')
+  return pmap_step(functools.partial(autoencoder_step, ae=ae, augment_fn=augment_fn, coarse_loss=coarse_loss),
+                   devices)

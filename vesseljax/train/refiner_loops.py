@@ -113,9 +113,47 @@ def latent_scale_of(ae, params: dict, labels: np.ndarray) -> float:
   return float(1.0 / max(float(jnp.std(z)), 1e-6))
 
 
+def _autoencoder_start(config, config_workdir: pathlib.Path, spec: dict, params: dict) -> tuple[dict, dict, dict]:
+  """(params, init sidecar, run-spec extras) of the autoencoder run: fresh, or `diffusion.ae_init_checkpoint`.
+
+  Raises:
+    CheckpointError (naming the file): an init checkpoint of another architecture.
+    ValueError: a frozen encoder without an init checkpoint (it would stay random).
+  """
+  d = config.diffusion
+  extras = {}
+  if d.ae_coarse_loss != 'l2+dice':  # only when off the default, so older run specs are unchanged
+    extras['coarse_loss'] = str(d.ae_coarse_loss)
+  if not d.ae_train_encoder:
+    if not d.ae_init_checkpoint:
+      raise ValueError('diffusion.ae_train_encoder=False needs diffusion.ae_init_checkpoint '
+                       '(an exported autoencoder whose encoder to keep)')
+    extras['train_encoder'] = False
+  if not d.ae_init_checkpoint:
+    return params, {}, extras
+  out = autoencoder_path(config, pathlib.Path(config_workdir))
+  if out.resolve() == pathlib.Path(d.ae_init_checkpoint).resolve():
+    raise ValueError(f'{out}: the autoencoder to start from is the file this run exports to; '
+                     'use another workdir (or diffusion.autoencoder_checkpoint) so it is not overwritten')
+  init_sidecar, variables = refiner.load_checked(d.ae_init_checkpoint, 'mask_autoencoder')
+  if init_sidecar['model'] != spec:
+    raise coarse.CheckpointError(f'{d.ae_init_checkpoint}: autoencoder {init_sidecar["model"]} does not match '
+                                 f'config.diffusion {spec}')
+  coarse.check_variables({'params': variables['params']}, None, 0, str(d.ae_init_checkpoint),
+                         expected={'params': jax.eval_shape(lambda: params)})
+  extras['init_hash'] = hashlib.sha256(pathlib.Path(d.ae_init_checkpoint).read_bytes()).hexdigest()[:16]
+  return jax.tree.map(jnp.asarray, variables['params']), init_sidecar, extras
+
+
 def train_autoencoder(config, workdir: str | pathlib.Path,
                       data: Optional[pipeline.ArrayDataset] = None) -> pathlib.Path:
-  """Trains (or resumes) the mask autoencoder; exports it with its latent scale."""
+  """Trains (or resumes) the mask autoencoder; exports it with its latent scale.
+
+  With `diffusion.ae_init_checkpoint` it starts from an exported autoencoder;
+  with `diffusion.ae_train_encoder=False` too, only the decoder trains and the
+  export keeps that autoencoder's latent scale, so the refiners trained with
+  it accept the new one (the latent space is the same).
+  """
   workdir = pathlib.Path(workdir)
   d = config.diffusion
   _check_batch(d.ae_batch_size)
@@ -124,24 +162,36 @@ def train_autoencoder(config, workdir: str | pathlib.Path,
   ae = refiner.create_autoencoder(spec)
   tile = d.tile_size
   params = jax.jit(ae.init)(jax.random.key(config.seed + 3), jnp.zeros((1, tile, tile, 1)))['params']
+  params, init_sidecar, extras = _autoencoder_start(config, workdir, spec, params)
   tx = state_lib.make_optimizer(d.ae_learning_rate, d.ae_steps, min(d.warmup_steps, d.ae_steps // 4),
                                 0.0, config.train.grad_clip)
+  if not d.ae_train_encoder:
+    tx = refiner.decoder_only(tx, params)
   state = state_lib.TrainState.create(apply_fn=ae.apply, params=params, batch_stats={}, tx=tx)
-  state, ckpt = _open_run(workdir / 'autoencoder_ckpt', spec, state, config.train.keep_checkpoints)
-  log.info('autoencoder (C=%d, %d params) on %d images, %dx%d tiles', d.latent_channels,
-           sum(x.size for x in jax.tree.leaves(state.params)), len(data), tile, tile)
+  state, ckpt = _open_run(workdir / 'autoencoder_ckpt', {**spec, **extras}, state, config.train.keep_checkpoints)
+  log.info('autoencoder (C=%d, %d params) on %d images, %dx%d tiles%s', d.latent_channels,
+           sum(x.size for x in jax.tree.leaves(state.params)), len(data), tile, tile,
+           f'; from {d.ae_init_checkpoint}' if init_sidecar else '')
   sampler = _sampler(config, data, d.ae_batch_size)
-  step_fn = refiner.make_autoencoder_step(ae, loops.make_augment_fn(config))
+  step_fn = refiner.make_autoencoder_step(ae, loops.make_augment_fn(config), coarse_loss=d.ae_coarse_loss)
   progress = loops.Progress(workdir, d.ae_steps, int(state.step), 'autoencoder')
   state = _run(step_fn, state, sampler, ckpt, progress, d.ae_steps, d.log_every, d.checkpoint_every,
                jax.random.fold_in(jax.random.key(config.seed), 11), max_seconds=d.max_train_seconds)
   ckpt.close()
   probe = sampler.batch(10**6)  # a fixed set of tiles, not a training batch
-  scale = latent_scale_of(ae, state.params, probe['label'])
+  if d.ae_train_encoder:
+    scale = latent_scale_of(ae, state.params, probe['label'])
+  else:  # the same encoder: the same latents, the same scale
+    scale = float(init_sidecar['latent_scale'])
   recon = jax.jit(lambda p, m: refiner.autoencoder_loss(ae, p, m)[1])(state.params, jnp.asarray(probe['label']))
+  init = {}
+  if init_sidecar:
+    init = {'init_checkpoint': str(d.ae_init_checkpoint), 'init_hash': extras['init_hash'],
+            'init_steps_trained': init_sidecar.get('steps_trained'), 'train_encoder': bool(d.ae_train_encoder)}
   path = coarse.write_params(autoencoder_path(config, workdir), {'params': state.params}, spec, {
       'latent_scale': scale, 'steps_trained': int(state.step), 'steps_planned': int(d.ae_steps),
-      'dataset': config.data.name, 'train_tile_recon_dice': float(jnp.mean(recon['dice_soft']))})
+      'dataset': config.data.name, 'train_tile_recon_dice': float(jnp.mean(recon['dice_soft'])),
+      'coarse_loss': str(d.ae_coarse_loss), 'coarse_source': str(d.coarse_source), **init})
   log.info('exported %s (latent scale %.4f, train-tile soft Dice %.4f)', path, scale,
            float(jnp.mean(recon['dice_soft'])))
   return path
