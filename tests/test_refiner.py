@@ -510,6 +510,8 @@ def test_evaluate_refined_and_uncertainty_stages(trained, tmp_path):
   assert saved['meta']['coarse_rows'][0]['id'] == saved['rows'][0]['id']
   assert 0 <= saved['rows'][0]['dice'] <= 1
   assert result['meta']['wilcoxon_vs_coarse']['n'] == 1
+  assert saved['meta']['autoencoder'] == str(workdir / 'autoencoder.msgpack')  # which decoder drew the maps
+  assert saved['meta']['autoencoder_sidecar']['model_hash'] == saved['meta']['refiner_sidecar']['autoencoder_hash']
   # The saved maps (uint8) give back the scored Dice, refined and coarse.
   maps = stages.read_maps(workdir / f'maps_refined_test_{stages.sampling_tag(config)}.npz')
   sample = sources.load_samples(config.data, 'test', stages.tfds_dir(config, workdir))[0]

@@ -343,6 +343,7 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
   method = f'{coarse_name}+diff({config.sample.steps})'
   meta = {'dataset': config.data.name, 'split': split, 'method': method, 'sampling': config.sample.to_dict(),
           'refiner': str(workdir / 'refiner.msgpack'), 'refiner_sidecar': predictor.sidecar,
+          'autoencoder': predictor.autoencoder_path, 'autoencoder_sidecar': predictor.autoencoder_sidecar,
           'working_size_hw': list(predictor.coarse.work_size), 'threshold': thr,
           'protocol': 'inside FOV, native resolution', 'command': command,
           'date': datetime.date.today().isoformat(), 'wilcoxon_vs_coarse': test,
