@@ -138,6 +138,27 @@ def _perturb(params, key, scale=0.05):
   return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
+def _step_setup(config, tile, batch_size, perturb_ae=False):
+  """(models, autoencoder params, EMA state with perturbed params and SGD 0.1, one batch) of tiny models.
+
+  Plain SGD: the update is proportional to the gradient (Adam's first step is
+  ~lr * sign(g), which turns float noise in near-zero gradients into lr-sized
+  differences). Zero-initialised output layers would make many gradients
+  exactly zero: the params are perturbed.
+  """
+  models = _tiny_models(config)
+  ae_params = models['autoencoder'].init(jax.random.key(1), jnp.zeros((1, tile, tile, 1)))['params']
+  if perturb_ae:
+    ae_params = _perturb(ae_params, jax.random.key(4))
+  params = _perturb(refiner_loops.init_refiner_params(models, jax.random.key(2), tile,
+                                                      config.diffusion.latent_channels), jax.random.key(3))
+  state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=optax.sgd(0.1),
+                                       ema_params=params)
+  data = refine_data.refiner_dataset(config, _samples(config))
+  batch = pipeline.PatchSampler(data, seed=0, batch_size=batch_size, patch_size=tile).batch(0)
+  return models, ae_params, state, batch
+
+
 @pytest.mark.parametrize('mask_losses', [False, True])
 def test_refiner_step_on_4_devices_equals_1_device(mask_losses):
   config = tiny_refiner_config()
@@ -147,17 +168,7 @@ def test_refiner_step_on_4_devices_equals_1_device(mask_losses):
   # 64-pixel tiles: with 32 the deepest level is 1x1 and its GroupNorm (2 values
   # per group) amplifies float32 summation noise in the backward pass ~1000x.
   d.tile_size = tile = 64
-  models = _tiny_models(config)
-  ae_params = models['autoencoder'].init(jax.random.key(1), jnp.zeros((1, tile, tile, 1)))['params']
-  # Zero-initialised output layers would make many gradients exactly zero: perturb.
-  params = _perturb(refiner_loops.init_refiner_params(models, jax.random.key(2), tile, d.latent_channels),
-                    jax.random.key(3))
-  # Plain SGD: the update is proportional to the gradient (Adam's first step is
-  # ~lr * sign(g), which turns float noise in near-zero gradients into lr-sized differences).
-  tx = optax.sgd(0.1)
-  state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
-  data = refine_data.refiner_dataset(config, _samples(config))
-  batch = pipeline.PatchSampler(data, seed=0, batch_size=4, patch_size=tile).batch(0)
+  models, ae_params, state, batch = _step_setup(config, tile, 4)
   schedule = schedule_lib.cosine_schedule(1000)
   key = jax.random.key(5)
   results = []
@@ -188,15 +199,7 @@ def test_coarse_dropout_hides_the_coarse_map_and_ra_from_the_step(pixel_detail):
   d = config.diffusion
   d.pixel_detail = pixel_detail
   d.tile_size = tile = 32
-  models = _tiny_models(config)
-  ae_params = _perturb(models['autoencoder'].init(jax.random.key(1), jnp.zeros((1, tile, tile, 1)))['params'],
-                       jax.random.key(4))
-  params = _perturb(refiner_loops.init_refiner_params(models, jax.random.key(2), tile, d.latent_channels),
-                    jax.random.key(3))
-  state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=optax.sgd(0.1),
-                                       ema_params=params)
-  data = refine_data.refiner_dataset(config, _samples(config))
-  batch = pipeline.PatchSampler(data, seed=0, batch_size=2, patch_size=tile).batch(0)
+  models, ae_params, state, batch = _step_setup(config, tile, 2, perturb_ae=True)
   other = dict(batch, image=batch['image'].copy())
   rng = np.random.default_rng(0)
   other['image'][..., refine_data.COARSE] = rng.random(other['image'].shape[:3])
