@@ -136,6 +136,10 @@ def get_config() -> ml_collections.ConfigDict:
   # An exported refiner.msgpack to start from (fine-tuning, e.g. a refiner trained
   # on 'degrade' pairs, then on 'oof+degrade'); same architecture and autoencoder.
   config.diffusion.init_checkpoint = ''
+  # True: init_checkpoint may have been trained with other weights (and latent scale)
+  # of the same autoencoder architecture, e.g. one re-trained from it with another
+  # loss; the fine-tune adapts the refiner to the new latents (recorded in the export).
+  config.diffusion.init_new_autoencoder = False
   config.diffusion.learning_rate = 2e-4
   config.diffusion.warmup_steps = 100
   config.diffusion.batch_size = 8

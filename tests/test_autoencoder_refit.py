@@ -133,3 +133,29 @@ def test_bad_refit_settings_are_refused(refit, tmp_path):
   with pytest.raises(coarse.CheckpointError, match='autoencoder.msgpack'):
     refiner_loops.train_autoencoder(other, tmp_path / 'c')
   assert not (tmp_path / 'b').exists() or not any((tmp_path / 'b').iterdir())
+
+
+def test_a_refiner_moves_to_a_retrained_autoencoder_only_when_asked(refit, tmp_path):
+  """init_new_autoencoder: warm-start across a re-trained encoder (other latent scale), recorded."""
+  config, workdir = refit
+  moved = config.copy_and_resolve_references()
+  moved.diffusion.ae_train_encoder = True  # the whole autoencoder trains: other latents, other scale
+  refiner_loops.train_autoencoder(moved, tmp_path)
+  base_sidecar, _ = coarse.load_params(workdir / 'base' / 'autoencoder.msgpack')
+  new_sidecar, _ = coarse.load_params(tmp_path / 'autoencoder.msgpack')
+  assert new_sidecar['latent_scale'] != base_sidecar['latent_scale']
+  moved.diffusion.init_checkpoint = str(workdir / 'base' / 'refiner.msgpack')
+  with pytest.raises(coarse.CheckpointError, match='trained with autoencoder'):
+    refiner_loops.train_refiner(moved, tmp_path)
+  moved.diffusion.init_new_autoencoder = True
+  refiner_loops.train_refiner(moved, tmp_path)
+  sidecar, _ = coarse.load_params(tmp_path / 'refiner.msgpack')
+  assert sidecar['init_new_autoencoder'] is True
+  assert sidecar['init_latent_scale'] == base_sidecar['latent_scale']
+  assert sidecar['latent_scale'] == new_sidecar['latent_scale']
+  other = moved.copy_and_resolve_references()  # another autoencoder architecture is still refused
+  other.diffusion.ae_widths = (4, 4, 8)
+  other.diffusion.ae_init_checkpoint = ''
+  refiner_loops.train_autoencoder(other, tmp_path / 'x')
+  with pytest.raises(coarse.CheckpointError, match='allows only new weights'):
+    refiner_loops.train_refiner(other, tmp_path / 'x')

@@ -238,7 +238,8 @@ def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models
 
   Raises:
     CheckpointError (naming the file): another refiner architecture, another
-      autoencoder (or latent scale), or parameters of other shapes.
+      autoencoder (or latent scale; with diffusion.init_new_autoencoder, only
+      another architecture), or parameters of other shapes.
   """
   d = config.diffusion
   sidecar, variables = refiner.load_checked(path, 'refiner')
@@ -248,7 +249,12 @@ def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models
                                                                    if k != 'pixel_detail'}
   if sidecar['model'] != want and not adds_detail:
     raise coarse.CheckpointError(f'{path}: refiner {sidecar["model"]} does not match config.diffusion {want}')
-  refiner.check_refiner_matches(sidecar, ae_sidecar, None, str(path))
+  if not d.init_new_autoencoder:
+    refiner.check_refiner_matches(sidecar, ae_sidecar, None, str(path))
+  elif sidecar.get('autoencoder_hash') != ae_sidecar.get('model_hash'):  # same architecture, other weights only
+    raise coarse.CheckpointError(f'{path}: trained with autoencoder architecture {sidecar.get("autoencoder_hash")}, '
+                                 f'given {ae_sidecar.get("model_hash")}; init_new_autoencoder allows only '
+                                 'new weights of the same one')
   if not adds_detail:
     return checked_refiner_params(path, variables, models, d.tile_size, d.latent_channels), sidecar
   plain = dict(models, denoiser=refiner.create_denoiser(sidecar['model']))
@@ -276,12 +282,15 @@ def train_refiner(config, workdir: str | pathlib.Path,
             'init_hash': hashlib.sha256(pathlib.Path(d.init_checkpoint).read_bytes()).hexdigest()[:16],
             'init_steps_trained': init_sidecar.get('steps_trained'),
             'init_coarse_source': init_sidecar.get('coarse_source')}
+    if d.init_new_autoencoder:  # what it was trained with, beside the autoencoder it moves to
+      init.update(init_latent_scale=init_sidecar.get('latent_scale'), init_new_autoencoder=True)
   tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
                                 config.train.grad_clip)
   state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
   run_spec = {**refiner.refiner_spec(d), 'autoencoder_hash': ae_sidecar['model_hash'],
               'coarse_source': d.coarse_source, 'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra),
-              **({'init_hash': init['init_hash']} if init else {}), **_coarse_drop(d)}
+              **({'init_hash': init['init_hash']} if init else {}), **_coarse_drop(d),
+              **({'init_new_autoencoder': True} if init.get('init_new_autoencoder') else {})}
   state, ckpt = _open_run(workdir / 'refiner_ckpt', run_spec, state, config.train.keep_checkpoints)
   log.info('refiner: image encoder %d + denoiser %d params; %d images (%s coarse maps), %dx%d tiles%s',
            sum(x.size for x in jax.tree.leaves(params['image_encoder'])),
