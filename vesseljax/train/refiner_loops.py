@@ -113,7 +113,20 @@ def latent_scale_of(ae, params: dict, labels: np.ndarray) -> float:
   return float(1.0 / max(float(jnp.std(z)), 1e-6))
 
 
-def _autoencoder_start(config, config_workdir: pathlib.Path, spec: dict, params: dict) -> tuple[dict, dict, dict]:
+def _file_hash(path: str | pathlib.Path) -> str:
+  """The first 16 hex digits of a file's SHA-256 (how runs record the checkpoint they started from)."""
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _load_autoencoder(path: str | pathlib.Path, spec: dict) -> tuple[dict, dict]:
+  """(sidecar, variables) of an exported autoencoder; CheckpointError (naming it) if not of `spec`."""
+  sidecar, variables = refiner.load_checked(path, 'mask_autoencoder')
+  if sidecar['model'] != spec:
+    raise coarse.CheckpointError(f'{path}: autoencoder {sidecar["model"]} does not match config.diffusion {spec}')
+  return sidecar, variables
+
+
+def _autoencoder_start(config, workdir: pathlib.Path, spec: dict, params: dict) -> tuple[dict, dict, dict]:
   """(params, init sidecar, run-spec extras) of the autoencoder run: fresh, or `diffusion.ae_init_checkpoint`.
 
   Raises:
@@ -131,17 +144,14 @@ def _autoencoder_start(config, config_workdir: pathlib.Path, spec: dict, params:
     extras['train_encoder'] = False
   if not d.ae_init_checkpoint:
     return params, {}, extras
-  out = autoencoder_path(config, pathlib.Path(config_workdir))
+  out = autoencoder_path(config, workdir)
   if out.resolve() == pathlib.Path(d.ae_init_checkpoint).resolve():
     raise ValueError(f'{out}: the autoencoder to start from is the file this run exports to; '
                      'use another workdir (or diffusion.autoencoder_checkpoint) so it is not overwritten')
-  init_sidecar, variables = refiner.load_checked(d.ae_init_checkpoint, 'mask_autoencoder')
-  if init_sidecar['model'] != spec:
-    raise coarse.CheckpointError(f'{d.ae_init_checkpoint}: autoencoder {init_sidecar["model"]} does not match '
-                                 f'config.diffusion {spec}')
+  init_sidecar, variables = _load_autoencoder(d.ae_init_checkpoint, spec)
   coarse.check_variables({'params': variables['params']}, None, 0, str(d.ae_init_checkpoint),
                          expected={'params': jax.eval_shape(lambda: params)})
-  extras['init_hash'] = hashlib.sha256(pathlib.Path(d.ae_init_checkpoint).read_bytes()).hexdigest()[:16]
+  extras['init_hash'] = _file_hash(d.ae_init_checkpoint)
   return jax.tree.map(jnp.asarray, variables['params']), init_sidecar, extras
 
 
@@ -214,11 +224,7 @@ def init_refiner_params(models: dict, key: jax.Array, tile: int, latent_channels
 def load_models(config, workdir: pathlib.Path) -> tuple[dict, dict, dict]:
   """(models, autoencoder params, autoencoder sidecar) for config.diffusion, checked against the config."""
   d = config.diffusion
-  ae_path = autoencoder_path(config, workdir)
-  ae_sidecar, ae_vars = refiner.load_checked(ae_path, 'mask_autoencoder')
-  if ae_sidecar['model'] != refiner.autoencoder_spec(d):
-    raise coarse.CheckpointError(f'{ae_path}: autoencoder {ae_sidecar["model"]} does not match '
-                                 f'config.diffusion {refiner.autoencoder_spec(d)}')
+  ae_sidecar, ae_vars = _load_autoencoder(autoencoder_path(config, workdir), refiner.autoencoder_spec(d))
   spec = refiner.refiner_spec(d)
   models = {'autoencoder': refiner.create_autoencoder(ae_sidecar['model']),
             'image_encoder': refiner.create_image_encoder(spec), 'denoiser': refiner.create_denoiser(spec)}
@@ -279,7 +285,7 @@ def train_refiner(config, workdir: str | pathlib.Path,
   if d.init_checkpoint:  # fine-tuning: the EMA starts at these params too
     params, init_sidecar = warm_start_params(config, d.init_checkpoint, ae_sidecar, models)
     init = {'init_checkpoint': str(d.init_checkpoint),
-            'init_hash': hashlib.sha256(pathlib.Path(d.init_checkpoint).read_bytes()).hexdigest()[:16],
+            'init_hash': _file_hash(d.init_checkpoint),
             'init_steps_trained': init_sidecar.get('steps_trained'),
             'init_coarse_source': init_sidecar.get('coarse_source')}
     if d.init_new_autoencoder:  # what it was trained with, beside the autoencoder it moves to
