@@ -118,6 +118,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Losses: L_DDPM + dice_weight * Dice + edge_weight * Edge on the decoded x0 estimate.
   config.diffusion.dice_weight = 0.5
   config.diffusion.edge_weight = 0.3
+  # A departure: > 0 adds this times a BCE of the decoded x0 estimate on the pixels
+  # where the training pair's coarse map and label disagree (weighted by
+  # |coarse - label|), so the coarse map's errors, a few % of a tile, get a loss of
+  # their own instead of being averaged into Dice with the pixels it has right.
+  config.diffusion.disagreement_weight = 0.0
   config.diffusion.ema_decay = 0.999
   # Autoencoder training.
   config.diffusion.ae_steps = 600

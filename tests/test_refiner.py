@@ -163,7 +163,9 @@ def _step_setup(config, tile, batch_size, perturb_ae=False):
 def test_refiner_step_on_4_devices_equals_1_device(mask_losses):
   config = tiny_refiner_config()
   d = config.diffusion
-  if not mask_losses:
+  if mask_losses:
+    d.disagreement_weight = 1.0
+  else:
     d.dice_weight = d.edge_weight = 0.0
   # 64-pixel tiles: with 32 the deepest level is 1x1 and its GroupNorm (2 values
   # per group) amplifies float32 summation noise in the backward pass ~1000x.
@@ -213,9 +215,56 @@ def test_coarse_dropout_hides_the_coarse_map_and_ra_from_the_step(pixel_detail):
     same = np.array_equal(np.asarray(m_a['loss']), np.asarray(m_b['loss'])) and all(
         np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s_a.params), jax.tree.leaves(s_b.params)))
     assert same == (prob == 1.0), prob
-  assert refiner_loops._coarse_drop(d) == {}  # pylint: disable=protected-access
-  d.coarse_drop_prob = 0.5
-  assert refiner_loops._coarse_drop(d) == {'coarse_drop_prob': 0.5}  # pylint: disable=protected-access
+  d.coarse_drop_prob = 0.0
+  assert refiner_loops._loss_departures(d) == {}  # pylint: disable=protected-access
+  d.coarse_drop_prob, d.disagreement_weight = 0.5, 2.0
+  assert refiner_loops._loss_departures(d) == {  # pylint: disable=protected-access
+      'coarse_drop_prob': 0.5, 'disagreement_weight': 2.0}
+
+
+def test_disagreement_bce_matches_numpy_and_counts_only_the_coarse_maps_errors():
+  rng = np.random.default_rng(0)
+  prob, coarse = (rng.uniform(0.01, 0.99, (2, 16, 16)) for _ in range(2))
+  target = (rng.random((2, 16, 16)) < 0.3).astype(np.float64)
+  fov = (rng.random((2, 16, 16)) < 0.8).astype(np.float64)
+  w = fov * np.abs(coarse - target)
+  bce = -(target * np.log(prob) + (1 - target) * np.log(1 - prob))
+  expected = np.sum(bce * w, axis=(1, 2)) / np.sum(w, axis=(1, 2))
+  f = lambda p, c: np.asarray(refiner.losses.disagreement_bce(*(jnp.asarray(x, jnp.float32)
+                                                                   for x in (p, target, c, fov))))
+  np.testing.assert_allclose(f(prob, coarse), expected, rtol=1e-5)
+  # Where the coarse map equals the label, the prediction does not count.
+  right = rng.random((2, 16, 16)) < 0.5
+  coarse_partly_right = np.where(right, target, coarse)
+  other_prob = np.where(right, rng.uniform(0.01, 0.99, prob.shape), prob)
+  np.testing.assert_allclose(f(other_prob, coarse_partly_right), f(prob, coarse_partly_right), rtol=1e-6)
+  np.testing.assert_array_equal(f(prob, target), [0.0, 0.0])  # a perfect coarse map: no term
+
+
+def test_disagreement_weight_adds_a_linear_term_that_vanishes_where_the_coarse_map_is_right():
+  config = tiny_refiner_config()
+  d = config.diffusion
+  d.tile_size = tile = 32
+  models, ae_params, state, batch = _step_setup(config, tile, 2, perturb_ae=True)
+  perfect = dict(batch, image=batch['image'].copy())
+  perfect['image'][..., refine_data.COARSE] = batch['label']
+  assert np.abs(batch['image'][..., refine_data.COARSE] - batch['label']).max() > 0.5
+  schedule = schedule_lib.cosine_schedule(1000)
+  out = {}
+  for weight in (0.0, 1.0, 2.0):
+    d.disagreement_weight = weight
+    step = refiner.make_refiner_step(config, models, schedule, 1.3, None, devices=jax.local_devices()[:1])
+    out[weight] = [step(state, pipeline.shard(x, 1), jax.random.key(5), ae_params) for x in (batch, perfect)]
+  loss = {w: float(o[0][1]['loss']) for w, o in out.items()}
+  assert 'bce_disagree' not in out[0.0][0][1] and float(out[1.0][0][1]['bce_disagree']) > 0
+  assert loss[1.0] > loss[0.0]
+  np.testing.assert_allclose(loss[2.0] - loss[0.0], 2 * (loss[1.0] - loss[0.0]), rtol=1e-3)
+  # A coarse map equal to the label: the term is zero, so is its gradient.
+  (s0, m0), (s1, m1) = out[0.0][1], out[1.0][1]
+  assert float(m1['bce_disagree']) == 0.0
+  np.testing.assert_allclose(float(m1['loss']), float(m0['loss']), rtol=1e-7)
+  for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
 
 
 # ---------------------------------------------------------------- loops, inference, stages

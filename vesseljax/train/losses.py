@@ -30,6 +30,28 @@ def bce_loss(logits: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Arr
   return jnp.sum(per_px * weight, axis=(1, 2)) / jnp.maximum(jnp.sum(weight, axis=(1, 2)), 1.0)
 
 
+def disagreement_bce(prob: jax.Array, target: jax.Array, coarse: jax.Array, weight: jax.Array,
+                     eps: float = 1e-6) -> jax.Array:
+  """Binary cross-entropy of `prob` where the coarse map is wrong, per example (B,).
+
+  Each pixel counts with weight * |coarse - target|: a coarse map that is right
+  at a pixel (0 there) takes it out, one that is fully wrong (1) counts it
+  whole. The mean is over those weights (0 where the coarse map is right
+  everywhere), so the term says how well `prob` repairs the coarse map's
+  errors, whatever their number.
+
+  Args:
+    prob: (B, H, W) probabilities (clipped to [eps, 1 - eps] for the logs).
+    target: (B, H, W) float32 in {0, 1}.
+    coarse: (B, H, W) the coarse model's probabilities.
+    weight: (B, H, W) field-of-view mask in {0, 1}.
+  """
+  p = jnp.clip(prob, eps, 1.0 - eps)
+  per_px = -(target * jnp.log(p) + (1.0 - target) * jnp.log1p(-p))
+  w = weight * jnp.abs(coarse - target)
+  return jnp.sum(per_px * w, axis=(1, 2)) / jnp.maximum(jnp.sum(w, axis=(1, 2)), 1.0)
+
+
 def sobel_magnitude(x: jax.Array) -> jax.Array:
   """Sobel gradient magnitude of (B, H, W) maps (zero padding), (B, H, W)."""
   def corr(img, k):

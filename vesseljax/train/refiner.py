@@ -11,7 +11,9 @@ the two pure train steps, pmapped over `steps.AXIS` like the coarse model's:
                     optionally the decoder alone, `decoder_only`)
   refiner_step      z0 = s * E(label), z_t = q_sample(z0, t, eps);
                     L = ||eps - eps_hat||^2 + abar_t * (dice_weight * Dice(D(x0_hat / s), label)
-                        + edge_weight * Edge(D(x0_hat / s), label)),  x0_hat clipped to +-5
+                        + edge_weight * Edge(D(x0_hat / s), label)
+                        [+ disagreement_weight * BCE where coarse and label disagree]),
+                    x0_hat clipped to +-5
                     with E, D the frozen autoencoder, s its latent scale, the
                     image condition dropped to the learned null with
                     probability cfg_drop_prob, the coarse condition (coarse
@@ -261,7 +263,8 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
                  models: dict, schedule: schedule_lib.Schedule, latent_scale: float,
                  augment_fn: Optional[Callable], use_image: bool, use_ra: bool, cfg_drop_prob: float,
                  dice_weight: float, edge_weight: float, ema_decay: float,
-                 coarse_drop_prob: float = 0.0) -> tuple[EMATrainState, dict]:
+                 coarse_drop_prob: float = 0.0,
+                 disagreement_weight: float = 0.0) -> tuple[EMATrainState, dict]:
   """One denoiser + image-encoder step (call under pmap over AXIS); see the module docstring.
 
   Args:
@@ -269,6 +272,11 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
     batch: 'image' (b, T, T, 5) packed tiles, 'label', 'fov' (b, T, T) float32.
     key: the run's key, folded with step and global example index.
     ae_params: the frozen autoencoder's params.
+    disagreement_weight: > 0 adds this times `losses.disagreement_bce` of the
+      decoded x0 estimate (BCE on the pixels where the coarse map in the
+      batch and the label disagree, weighted by |coarse - label|) to the
+      abar-weighted mask losses: the errors of the coarse map, a small part
+      of each tile, get a loss of their own (0: off, the paper).
   """
   image, label, fov = _augment(batch, key, state.step, augment_fn)
   b = image.shape[0]
@@ -297,8 +305,12 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
     abar = schedule.alphas_cumprod[t]
     dice = losses.soft_dice_loss(prob, label, fov)
     edge = losses.edge_loss(prob, label, fov)
-    total = ddpm + abar * (dice_weight * dice + edge_weight * edge)
-    return jnp.mean(total), {'ddpm': ddpm, 'dice_x0': 1.0 - dice, 'edge': edge}
+    mask_loss = dice_weight * dice + edge_weight * edge
+    parts = {'ddpm': ddpm, 'dice_x0': 1.0 - dice, 'edge': edge}
+    if disagreement_weight > 0:  # off: the same computation as before the option
+      parts['bce_disagree'] = losses.disagreement_bce(prob, label, image[..., refine_data.COARSE], fov)
+      mask_loss = mask_loss + disagreement_weight * parts['bce_disagree']
+    return jnp.mean(ddpm + abar * mask_loss), parts
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
@@ -334,7 +346,7 @@ def make_refiner_step(config, models: dict, schedule: schedule_lib.Schedule, lat
       augment_fn=augment_fn, use_image=bool(d.use_image), use_ra=bool(d.use_ra),
       cfg_drop_prob=float(d.cfg_drop_prob), dice_weight=float(d.dice_weight),
       edge_weight=float(d.edge_weight), ema_decay=float(d.ema_decay),
-      coarse_drop_prob=float(d.coarse_drop_prob))
+      coarse_drop_prob=float(d.coarse_drop_prob), disagreement_weight=float(d.disagreement_weight))
   return pmap_step(fn, devices, num_unmapped_extra=1)
 
 

@@ -295,7 +295,7 @@ def train_refiner(config, workdir: str | pathlib.Path,
   state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
   run_spec = {**refiner.refiner_spec(d), 'autoencoder_hash': ae_sidecar['model_hash'],
               'coarse_source': d.coarse_source, 'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra),
-              **({'init_hash': init['init_hash']} if init else {}), **_coarse_drop(d),
+              **({'init_hash': init['init_hash']} if init else {}), **_loss_departures(d),
               **({'init_new_autoencoder': True} if init.get('init_new_autoencoder') else {})}
   state, ckpt = _open_run(workdir / 'refiner_ckpt', run_spec, state, config.train.keep_checkpoints)
   log.info('refiner: image encoder %d + denoiser %d params; %d images (%s coarse maps), %dx%d tiles%s',
@@ -314,11 +314,14 @@ def train_refiner(config, workdir: str | pathlib.Path,
       'coarse_hash': coarse.spec_hash(coarse.model_spec(config.model)), 'coarse_source': d.coarse_source,
       'steps_trained': int(state.step), 'steps_planned': int(d.num_steps), 'dataset': config.data.name,
       'ema_decay': d.ema_decay, **init,
-      'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra), **_coarse_drop(d)})
+      'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra), **_loss_departures(d)})
   log.info('exported %s (EMA params, step %d)', path, int(state.step))
   return path
 
 
-def _coarse_drop(d) -> dict:
-  """{'coarse_drop_prob': p} when on, so run specs without it (and their checkpoints) are unchanged."""
-  return {'coarse_drop_prob': float(d.coarse_drop_prob)} if d.coarse_drop_prob else {}
+def _loss_departures(d) -> dict:
+  """The training departures that are on ({'coarse_drop_prob': p, 'disagreement_weight': w}).
+
+  Only those that are on, so the run specs (and checkpoints) of runs without them are unchanged.
+  """
+  return {name: float(d[name]) for name in ('coarse_drop_prob', 'disagreement_weight') if d[name]}
