@@ -100,14 +100,21 @@ def load_checked(path: str | pathlib.Path, kind: str) -> tuple[dict, dict]:
 
 
 def check_refiner_matches(refiner_sidecar: dict, ae_sidecar: dict, coarse_sidecar: Optional[dict],
-                          source: str) -> None:
-  """Raises CheckpointError (naming `source`) when the refiner was trained with other models."""
-  if refiner_sidecar.get('autoencoder_hash') != ae_sidecar.get('model_hash') or (
-      abs(refiner_sidecar.get('latent_scale', 0.0) - ae_sidecar.get('latent_scale', 1.0)) > 1e-6):
+                          source: str, new_autoencoder_weights: bool = False) -> None:
+  """Raises CheckpointError (naming `source`) when the refiner was trained with other models.
+
+  new_autoencoder_weights: accept new weights (another latent scale) of the
+  autoencoder architecture the refiner was trained with (diffusion.init_new_autoencoder).
+  """
+  same_scale = abs(refiner_sidecar.get('latent_scale', 0.0) - ae_sidecar.get('latent_scale', 1.0)) <= 1e-6
+  if refiner_sidecar.get('autoencoder_hash') != ae_sidecar.get('model_hash') or not (
+      same_scale or new_autoencoder_weights):
     raise coarse.CheckpointError(
         f'{source}: trained with autoencoder {refiner_sidecar.get("autoencoder_hash")} '
         f'(latent scale {refiner_sidecar.get("latent_scale")}), given {ae_sidecar.get("model_hash")} '
-        f'(latent scale {ae_sidecar.get("latent_scale")})')
+        f'(latent scale {ae_sidecar.get("latent_scale")})'
+        + ('; init_new_autoencoder allows only new weights of the same architecture'
+           if new_autoencoder_weights else ''))
   want = refiner_sidecar.get('coarse_hash')
   if coarse_sidecar is not None and want is not None and want != coarse_sidecar.get('model_hash'):
     raise coarse.CheckpointError(f'{source}: trained on the coarse maps of model {want}, '

@@ -255,12 +255,8 @@ def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models
                                                                    if k != 'pixel_detail'}
   if sidecar['model'] != want and not adds_detail:
     raise coarse.CheckpointError(f'{path}: refiner {sidecar["model"]} does not match config.diffusion {want}')
-  if not d.init_new_autoencoder:
-    refiner.check_refiner_matches(sidecar, ae_sidecar, None, str(path))
-  elif sidecar.get('autoencoder_hash') != ae_sidecar.get('model_hash'):  # same architecture, other weights only
-    raise coarse.CheckpointError(f'{path}: trained with autoencoder architecture {sidecar.get("autoencoder_hash")}, '
-                                 f'given {ae_sidecar.get("model_hash")}; init_new_autoencoder allows only '
-                                 'new weights of the same one')
+  refiner.check_refiner_matches(sidecar, ae_sidecar, None, str(path),
+                                new_autoencoder_weights=bool(d.init_new_autoencoder))
   if not adds_detail:
     return checked_refiner_params(path, variables, models, d.tile_size, d.latent_channels), sidecar
   plain = dict(models, denoiser=refiner.create_denoiser(sidecar['model']))
