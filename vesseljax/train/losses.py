@@ -16,6 +16,11 @@ import optax
 _SOBEL_X = jnp.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
 
 
+def weighted_mean(per_px: jax.Array, weight: jax.Array) -> jax.Array:
+  """sum(per_px * weight) / max(sum(weight), 1) per example: (B, H, W) maps -> (B,)."""
+  return jnp.sum(per_px * weight, axis=(1, 2)) / jnp.maximum(jnp.sum(weight, axis=(1, 2)), 1.0)
+
+
 def soft_dice_loss(prob: jax.Array, target: jax.Array, weight: jax.Array,
                    smooth: float = 1.0) -> jax.Array:
   """1 - soft Dice per example. prob, target, weight: (B, H, W). Returns (B,)."""
@@ -27,7 +32,7 @@ def soft_dice_loss(prob: jax.Array, target: jax.Array, weight: jax.Array,
 def bce_loss(logits: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
   """Mean binary cross-entropy inside `weight` per example. Returns (B,)."""
   per_px = optax.sigmoid_binary_cross_entropy(logits, target)
-  return jnp.sum(per_px * weight, axis=(1, 2)) / jnp.maximum(jnp.sum(weight, axis=(1, 2)), 1.0)
+  return weighted_mean(per_px, weight)
 
 
 def disagreement_bce(prob: jax.Array, target: jax.Array, coarse: jax.Array, weight: jax.Array,
@@ -48,8 +53,7 @@ def disagreement_bce(prob: jax.Array, target: jax.Array, coarse: jax.Array, weig
   """
   p = jnp.clip(prob, eps, 1.0 - eps)
   per_px = -(target * jnp.log(p) + (1.0 - target) * jnp.log1p(-p))
-  w = weight * jnp.abs(coarse - target)
-  return jnp.sum(per_px * w, axis=(1, 2)) / jnp.maximum(jnp.sum(w, axis=(1, 2)), 1.0)
+  return weighted_mean(per_px, weight * jnp.abs(coarse - target))
 
 
 def sobel_magnitude(x: jax.Array) -> jax.Array:
@@ -69,8 +73,7 @@ def edge_loss(prob: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Arra
   The edge regularisation of the paper: it penalises blurred or displaced
   vessel borders that Dice alone tolerates.
   """
-  diff = jnp.abs(sobel_magnitude(prob) - sobel_magnitude(target))
-  return jnp.sum(diff * weight, axis=(1, 2)) / jnp.maximum(jnp.sum(weight, axis=(1, 2)), 1.0)
+  return weighted_mean(jnp.abs(sobel_magnitude(prob) - sobel_magnitude(target)), weight)
 
 
 def segmentation_loss(logits: jax.Array, target: jax.Array, weight: jax.Array, *,
