@@ -584,6 +584,85 @@ def test_evaluate_refined_and_uncertainty_stages(trained, tmp_path):
     assert (tmp_path / 'out' / f'{stem}_{suffix}.png').is_file()
 
 
+class _StopsAfter:
+  """A RefinedPredictor that raises KeyboardInterrupt when asked for image number `n` + 1, recording names."""
+
+  def __init__(self, inner, n):
+    self.inner, self.n, self.names = inner, n, []
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def __call__(self, image, name):
+    if len(self.names) == self.n:
+      raise KeyboardInterrupt
+    self.names.append(name)
+    return self.inner(image, name=name)
+
+
+def test_evaluate_refined_resumes_where_it_stopped(trained, tmp_path, monkeypatch):
+  config, workdir = trained
+  config = copy.deepcopy(config)
+  config.eval.max_images = 0  # both test images
+  runs = {}
+  for name in ('whole', 'stopped'):
+    runs[name] = tmp_path / name
+    runs[name].mkdir()
+    for f in ('params', 'refiner', 'autoencoder'):
+      for ext in ('.msgpack', '.msgpack.json'):
+        shutil.copy(workdir / (f + ext), runs[name] / (f + ext))
+  whole = stages.evaluate_refined(config, runs['whole'])
+  ids = [r['id'] for r in whole['rows']]
+  assert len(ids) == 2
+
+  make = stages.refined_predictor
+  wrappers = []
+
+  def stopping(n):
+    def build(cfg, wd):
+      wrappers.append(_StopsAfter(make(cfg, wd), n))
+      return wrappers[-1]
+    return build
+
+  tag = stages.sampling_tag(config)
+  partial = runs['stopped'] / f'eval_refined_test_{tag}.partial'
+  monkeypatch.setattr(stages, 'refined_predictor', stopping(1))
+  with pytest.raises(KeyboardInterrupt):
+    stages.evaluate_refined(config, runs['stopped'])
+  assert wrappers[-1].names == ids[:1]
+  assert not (runs['stopped'] / f'eval_refined_test_{tag}.json').exists()
+  assert len(list(partial.glob('*.npz'))) == 1
+
+  # Other sampling settings (same file tag) refuse the folder, naming it and what differs.
+  other = copy.deepcopy(config)
+  other.sample.seed = 7
+  with pytest.raises(ValueError, match=r'\.partial.*sampling'):
+    stages.evaluate_refined(other, runs['stopped'])
+  assert len(list(partial.glob('*.npz'))) == 1  # nothing deleted
+
+  # The same settings score only the image not done, and give what one uninterrupted run gives.
+  monkeypatch.setattr(stages, 'refined_predictor', stopping(10))
+  resumed = stages.evaluate_refined(config, runs['stopped'])
+  assert wrappers[-1].names == ids[1:]
+  assert resumed['meta']['resumed_images'] == 1
+  assert not partial.exists()
+  drop = lambda rows: [{k: v for k, v in r.items() if k != 'seconds'} for r in rows]
+  assert drop(resumed['rows']) == drop(whole['rows'])
+  assert resumed['meta']['coarse_rows'] == whole['meta']['coarse_rows']
+  maps = {n: stages.read_maps(runs[n] / f'maps_refined_test_{tag}.npz') for n in runs}
+  for image_id in ids:
+    for key, value in maps['whole'][image_id].items():
+      np.testing.assert_array_equal(maps['stopped'][image_id][key], value)
+
+  # A progress file that cannot be read is named.
+  monkeypatch.setattr(stages, 'refined_predictor', stopping(1))
+  with pytest.raises(KeyboardInterrupt):
+    stages.evaluate_refined(config, runs['stopped'], overwrite=True)
+  next(partial.glob('*.npz')).write_bytes(b'cut short')
+  with pytest.raises(DataError, match='unreadable saved progress'):
+    stages.evaluate_refined(config, runs['stopped'], overwrite=True)
+
+
 def test_evaluate_autoencoder_scores_reconstructions_at_native_size(trained):
   config, workdir = trained
   result = stages.evaluate_autoencoder(config, workdir, overwrite=True)

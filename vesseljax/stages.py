@@ -12,6 +12,8 @@ import datetime
 import json
 import logging
 import pathlib
+import re
+import shutil
 import time
 from typing import Optional
 
@@ -309,6 +311,12 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
   'uncertainty_auroc' (AUROC of the per-pixel variance for the misclassified
   pixels inside the FOV) and 'seconds', the coarse rows, Wilcoxon of refined
   vs coarse) and the markdown table beside it.
+
+  Resumable: each scored image is kept in `<workdir>/eval_refined_<split>_<tag>.partial/`
+  (its maps and rows), so a stopped run (HRF: ~2 min an image on a 2-core CPU)
+  picks up at the next image when started again with the same refiner,
+  autoencoder, coarse model, data and sampling settings (`refined_progress`).
+  The folder is removed once the results are written.
   """
   split, tag = config.eval.split, sampling_tag(config)
   out_json = workdir / f'eval_refined_{split}_{tag}.json'
@@ -318,24 +326,34 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
   samples = sources.load_samples(config.data, split, tfds_dir(config, workdir))
   if config.eval.max_images:
     samples = samples[:config.eval.max_images]
+  progress = refined_progress(config, workdir, predictor, overwrite)
+  done = progress.load()
+  if done:
+    log.info('resuming %s: %d of %d images already scored in %s', out_json.name,
+             sum(s.id in done for s in samples), len(samples), progress.folder)
   rows, coarse_rows, saved = [], [], {'prob': [], 'coarse': [], 'variance': []}
   thr = config.eval.threshold
   for i, s in enumerate(samples):
-    t0 = time.time()
-    maps = predictor(s.image, name=s.id)
-    seconds = time.time() - t0
+    if s.id in done:
+      row, coarse_row, maps = done[s.id]
+    else:
+      t0 = time.time()
+      maps = predictor(s.image, name=s.id)
+      seconds = time.time() - t0
+      row = {'id': s.id, **metrics.image_metrics_both(maps['prob'], s.label, s.fov, thr), 'seconds': seconds}
+      errors = (maps['prob'] >= thr) != s.label
+      inside = s.fov
+      row['uncertainty_auroc'] = (metrics.auc_roc(maps['variance'][inside], errors[inside])
+                                  if 0 < errors[inside].sum() < inside.sum() else float('nan'))
+      coarse_row = {'id': s.id, **metrics.image_metrics_both(maps['coarse'], s.label, s.fov, thr)}
+      progress.save(i, row, coarse_row, maps)
     for k in saved:
       saved[k].append(maps[k])
-    row = {'id': s.id, **metrics.image_metrics_both(maps['prob'], s.label, s.fov, thr), 'seconds': seconds}
-    errors = (maps['prob'] >= thr) != s.label
-    inside = s.fov
-    row['uncertainty_auroc'] = (metrics.auc_roc(maps['variance'][inside], errors[inside])
-                                if 0 < errors[inside].sum() < inside.sum() else float('nan'))
     rows.append(row)
-    coarse_rows.append({'id': s.id, **metrics.image_metrics_both(maps['coarse'], s.label, s.fov, thr)})
-    log.info('refine %d/%d %s Dice %.4f (coarse %.4f) AUC %.4f, variance AUROC for errors %.3f, %.1f s',
-             i + 1, len(samples), s.id, row['dice'], coarse_rows[-1]['dice'], row['auc'],
-             row['uncertainty_auroc'], seconds)
+    coarse_rows.append(coarse_row)
+    log.info('refine %d/%d %s Dice %.4f (coarse %.4f) AUC %.4f, variance AUROC for errors %.3f, %.1f s%s',
+             i + 1, len(samples), s.id, row['dice'], coarse_row['dice'], row['auc'],
+             row['uncertainty_auroc'], row['seconds'], ' (scored before, resumed)' if s.id in done else '')
   summary = metrics.summarize(rows, metrics.METRICS + ('uncertainty_auroc', 'seconds'))
   coarse_summary = metrics.summarize(coarse_rows)
   test = metrics.wilcoxon(rows, coarse_rows, 'dice')
@@ -347,6 +365,7 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
           'working_size_hw': list(predictor.coarse.work_size), 'threshold': thr,
           'protocol': 'inside FOV, native resolution', 'command': command,
           'date': datetime.date.today().isoformat(), 'wilcoxon_vs_coarse': test,
+          'resumed_images': sum(s.id in done for s in samples),
           'coarse_rows': coarse_rows, 'coarse_summary': coarse_summary}
   report.write_results(out_json, rows, summary, meta, overwrite=overwrite)
   write_maps(workdir / f'maps_refined_{split}_{tag}.npz', [s.id for s in samples], saved)
@@ -356,8 +375,89 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
       f'# {config.data.name} {split}, inside FOV, native resolution, threshold {thr}, {tag}\n\n{table}\n\n'
       f'Variance AUROC for errors: {summary["uncertainty_auroc"]["mean"]:.3f}; '
       f'{summary["seconds"]["mean"]:.1f} s per image.\n\n{report.per_image_markdown(rows, metrics.METRICS)}\n')
+  progress.remove()
   log.info('%s\nwrote %s', table, out_json)
   return {'rows': rows, 'summary': summary, 'meta': meta}
+
+
+class RefinedProgress:
+  """The images an `evaluate_refined` run has scored so far, one file each, in `folder`.
+
+  `folder/spec.json` holds what the scores depend on (`refined_progress`);
+  `folder/<index>_<id>.npz` (the id's characters outside [A-Za-z0-9_.-] as '_')
+  holds an image's 'prob', 'coarse' and 'variance' maps at native size, stored
+  as the final maps file stores them (`encode_map`), and its refined and coarse
+  rows (JSON text). Each file is written to a temporary name and then renamed,
+  so a stop mid-write leaves no partial file.
+  """
+
+  def __init__(self, folder: pathlib.Path, spec: dict):
+    self.folder, self.spec = folder, spec
+
+  def load(self) -> dict[str, tuple[dict, dict, dict[str, np.ndarray]]]:
+    """{image id: (row, coarse_row, maps)} of the images scored before; {} for a new run."""
+    done = {}
+    for path in sorted(self.folder.glob('*.npz')) if self.folder.is_dir() else []:
+      if path.name.endswith('.tmp.npz'):
+        continue
+      try:
+        with np.load(path) as f:
+          row, coarse_row = json.loads(str(f['row'])), json.loads(str(f['coarse_row']))
+          maps = {k: decode_map(k, f[k]) for k in ('prob', 'coarse', 'variance')}
+      except Exception as e:  # pylint: disable=broad-except
+        raise DataError(f'{path}: unreadable saved progress ({e}); delete it to score that image again') from e
+      done[row['id']] = (row, coarse_row, maps)
+    return done
+
+  def save(self, index: int, row: dict, coarse_row: dict, maps: dict[str, np.ndarray]) -> None:
+    self.folder.mkdir(parents=True, exist_ok=True)
+    spec_path = self.folder / 'spec.json'
+    if not spec_path.exists():  # before any image, so no image file is without its spec
+      tmp = spec_path.with_name('spec.json.tmp')
+      tmp.write_text(json.dumps(self.spec, indent=1, sort_keys=True) + '\n')
+      tmp.replace(spec_path)
+    safe_id = re.sub(r'[^A-Za-z0-9_.-]', '_', row['id'])  # ids may hold '/' (synthetic/10000)
+    path = self.folder / f'{index:04d}_{safe_id}.npz'
+    tmp = path.with_name(path.name[:-len('.npz')] + '.tmp.npz')
+    np.savez_compressed(tmp, row=json.dumps(row), coarse_row=json.dumps(coarse_row),
+                        **{k: encode_map(k, maps[k]) for k in ('prob', 'coarse', 'variance')})
+    tmp.replace(path)
+
+  def remove(self) -> None:
+    if self.folder.is_dir():
+      shutil.rmtree(self.folder)
+
+
+def refined_progress(config, workdir: pathlib.Path, predictor, overwrite: bool = False) -> RefinedProgress:
+  """The progress folder of `evaluate_refined` for these settings, checked against what it was started with.
+
+  Its spec is the SHA-256 of the refiner, autoencoder and coarse checkpoints,
+  the data (name, root, split), the threshold, `config.sample` and the tile
+  overlap. A folder started with another spec raises ValueError naming it and
+  what differs (nothing is deleted), unless `overwrite`, which starts afresh.
+  """
+  from vesseljax.train import refiner_loops  # pylint: disable=g-import-not-at-top
+  split, tag = config.eval.split, sampling_tag(config)
+  folder = workdir / f'eval_refined_{split}_{tag}.partial'
+  coarse_ckpt = config.diffusion.coarse_checkpoint or checkpoint_path(config, workdir)
+  spec = {'refiner_sha256': refiner_loops.file_hash(workdir / 'refiner.msgpack'),
+          'autoencoder_sha256': refiner_loops.file_hash(predictor.autoencoder_path),
+          'coarse_sha256': refiner_loops.file_hash(coarse_ckpt),
+          'dataset': config.data.name, 'data_root': str(config.data.root), 'split': split,
+          'threshold': float(config.eval.threshold), 'sampling': config.sample.to_dict(),
+          'tile_overlap': int(config.diffusion.tile_overlap), 'impl': config.model.impl}
+  spec = json.loads(json.dumps(spec, sort_keys=True))  # tuples -> lists, as read back
+  spec_path = folder / 'spec.json'
+  if spec_path.exists():
+    before = json.loads(spec_path.read_text())
+    if before != spec:
+      differ = sorted(k for k in set(before) | set(spec) if before.get(k) != spec.get(k))
+      if not overwrite:
+        raise ValueError(f'{folder}: partial results of a run with other settings ({", ".join(differ)} differ); '
+                         'delete the folder or pass --overwrite to start again')
+      log.warning('--overwrite: discarding %s (started with other %s)', folder, ', '.join(differ))
+      shutil.rmtree(folder)
+  return RefinedProgress(folder, spec)
 
 
 def write_maps(path: pathlib.Path, ids: list[str], maps: dict[str, list[np.ndarray]]) -> pathlib.Path:
@@ -371,13 +471,21 @@ def write_maps(path: pathlib.Path, ids: list[str], maps: dict[str, list[np.ndarr
   arrays = {'ids': np.array(ids)}
   for key, values in maps.items():
     for image_id, value in zip(ids, values):
-      value = np.asarray(value)
-      arrays[f'{key}/{image_id}'] = (value.astype(np.float16) if key == 'variance'
-                                     else to_u8(value))
+      arrays[f'{key}/{image_id}'] = encode_map(key, value)
   tmp = path.with_name(path.name + '.tmp.npz')
   np.savez_compressed(tmp, **arrays)
   tmp.replace(path)
   return path
+
+
+def encode_map(key: str, value: np.ndarray) -> np.ndarray:
+  """How a saved map is stored: 'variance' as float16, probabilities as uint8 (`to_u8`)."""
+  return np.asarray(value).astype(np.float16) if key == 'variance' else to_u8(np.asarray(value))
+
+
+def decode_map(key: str, stored: np.ndarray) -> np.ndarray:
+  """float32 map from `encode_map`'s form (probabilities / 255)."""
+  return stored.astype(np.float32) if key == 'variance' else stored.astype(np.float32) / 255.0
 
 
 def read_maps(path: pathlib.Path) -> dict[str, dict[str, np.ndarray]]:
@@ -385,8 +493,7 @@ def read_maps(path: pathlib.Path) -> dict[str, dict[str, np.ndarray]]:
   with np.load(path) as f:
     out = {}
     for image_id in f['ids']:
-      out[str(image_id)] = {k: (f[f'{k}/{image_id}'].astype(np.float32) if k == 'variance'
-                                else f[f'{k}/{image_id}'].astype(np.float32) / 255.0)
+      out[str(image_id)] = {k: decode_map(k, f[f'{k}/{image_id}'])
                             for k in ('prob', 'coarse', 'variance') if f'{k}/{image_id}' in f.files}
   return out
 

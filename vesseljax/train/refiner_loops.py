@@ -113,7 +113,7 @@ def latent_scale_of(ae, params: dict, labels: np.ndarray) -> float:
   return float(1.0 / max(float(jnp.std(z)), 1e-6))
 
 
-def _file_hash(path: str | pathlib.Path) -> str:
+def file_hash(path: str | pathlib.Path) -> str:
   """The first 16 hex digits of a file's SHA-256 (how runs record the checkpoint they started from)."""
   return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
 
@@ -151,7 +151,7 @@ def _autoencoder_start(config, workdir: pathlib.Path, spec: dict, params: dict) 
   init_sidecar, variables = _load_autoencoder(d.ae_init_checkpoint, spec)
   coarse.check_variables({'params': variables['params']}, None, 0, str(d.ae_init_checkpoint),
                          expected={'params': jax.eval_shape(lambda: params)})
-  extras['init_hash'] = _file_hash(d.ae_init_checkpoint)
+  extras['init_hash'] = file_hash(d.ae_init_checkpoint)
   return jax.tree.map(jnp.asarray, variables['params']), init_sidecar, extras
 
 
@@ -281,7 +281,7 @@ def train_refiner(config, workdir: str | pathlib.Path,
   if d.init_checkpoint:  # fine-tuning: the EMA starts at these params too
     params, init_sidecar = warm_start_params(config, d.init_checkpoint, ae_sidecar, models)
     init = {'init_checkpoint': str(d.init_checkpoint),
-            'init_hash': _file_hash(d.init_checkpoint),
+            'init_hash': file_hash(d.init_checkpoint),
             'init_steps_trained': init_sidecar.get('steps_trained'),
             'init_coarse_source': init_sidecar.get('coarse_source')}
     if d.init_new_autoencoder:  # what it was trained with, beside the autoencoder it moves to
