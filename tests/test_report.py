@@ -109,3 +109,32 @@ def test_per_image_markdown():
   assert lines[0] == '| id | dice | auc | tp | iou |'
   assert lines[2] == '| drive/01_test | 0.8123 | 0.9700 | 120 | — |'
   assert lines[3] == '| drive/02_test | 0.7900 | nan | 98 | — |'
+
+
+def test_compare_rows_pairs_the_shared_images_only():
+  from scipy import stats
+  rng = np.random.default_rng(0)
+  a = [{'id': f'im{i}', 'dice': float(x)} for i, x in enumerate(rng.uniform(0.7, 0.9, 12))]
+  b = [{'id': f'im{i}', 'dice': float(x)} for i, x in enumerate(rng.uniform(0.7, 0.9, 20))][::-1]  # other order
+  got = R.compare_rows(a, b, 'dice')
+  b_by_id = {r['id']: r['dice'] for r in b}
+  x = np.array([r['dice'] for r in a])
+  y = np.array([b_by_id[r['id']] for r in a])
+  assert got['n'] == 12 and got['only_a'] == 0 and got['only_b'] == 8
+  assert got['higher'] == int((x > y).sum())
+  assert got['mean_diff'] == pytest.approx(float((x - y).mean()))
+  assert got['p_value'] == pytest.approx(stats.wilcoxon(x, y).pvalue)
+  with pytest.raises(ValueError, match='no image id in common'):
+    R.compare_rows(a, [{'id': 'other', 'dice': 0.5}])
+
+
+def test_rows_of_reads_rows_or_the_coarse_rows(tmp_path):
+  rows = _rows()
+  coarse = [dict(r, dice=0.5) for r in rows]
+  summary = M.summarize(rows, metrics=('dice',))
+  R.write_results(tmp_path / 'refined.json', rows, summary, dict(_meta(), coarse_rows=coarse))
+  R.write_results(tmp_path / 'plain.json', rows, summary, _meta())
+  assert [r['dice'] for r in R.rows_of(tmp_path / 'refined.json')] == [0.81234, 0.79]
+  assert [r['dice'] for r in R.rows_of(f'{tmp_path / "refined.json"}:coarse')] == [0.5, 0.5]
+  with pytest.raises(ValueError, match='plain.json: no meta.coarse_rows'):
+    R.rows_of(f'{tmp_path / "plain.json"}:coarse')

@@ -144,6 +144,53 @@ def read_results(path: PathLike) -> dict[str, Any]:
   return doc
 
 
+def rows_of(spec: PathLike) -> list[dict[str, Any]]:
+  """The per-image rows a results file names: 'path.json', or 'path.json:coarse'
+  for the coarse-model rows that an `evaluate_refined` file keeps in meta.coarse_rows.
+
+  Raises:
+    ValueError: ':coarse' of a file without coarse rows (names it).
+  """
+  spec = str(spec)
+  coarse = spec.endswith(':coarse')
+  path = spec[:-len(':coarse')] if coarse else spec
+  doc = read_results(path)
+  if coarse:
+    rows = doc['meta'].get('coarse_rows')
+    if not isinstance(rows, list):
+      raise ValueError(f'{path}: no meta.coarse_rows (not an evaluate_refined results file)')
+    return rows
+  return doc['rows']
+
+
+def compare_rows(rows_a: Sequence[Mapping[str, Any]], rows_b: Sequence[Mapping[str, Any]],
+                 metric: str = 'dice') -> dict[str, Any]:
+  """A against B on the images both score: `metrics.wilcoxon` plus how many images A scores higher.
+
+  Files often hold different images (a first-10 run against the whole test
+  split): the rows are paired by 'id' on the shared ones only.
+
+  Returns:
+    `metrics.wilcoxon`'s dict with 'higher' (images where A > B) and
+    'only_a', 'only_b' (how many ids the other file lacks).
+
+  Raises:
+    ValueError: no image in common.
+  """
+  from vesseljax.evaluate import metrics  # pylint: disable=g-import-not-at-top
+  ids_b = {r['id'] for r in rows_b}
+  shared = [r for r in rows_a if r['id'] in ids_b]
+  if not shared:
+    raise ValueError('compare_rows: the two sets of rows have no image id in common')
+  shared_ids = {r['id'] for r in shared}
+  b = [r for r in rows_b if r['id'] in shared_ids]
+  out = metrics.wilcoxon(shared, b, metric)
+  b_by_id = {r['id']: r for r in b}
+  out['higher'] = sum(float(r[metric]) > float(b_by_id[r['id']][metric]) for r in shared)
+  out['only_a'], out['only_b'] = len(rows_a) - len(shared), len(rows_b) - len(b)
+  return out
+
+
 # ----------------------------------------------------------------------------
 # Markdown.
 # ----------------------------------------------------------------------------
