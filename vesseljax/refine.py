@@ -126,6 +126,7 @@ class RefinedPredictor:
     self.coarse = predict.CoarsePredictor(coarse_checkpoint, data_config, impl)
     self.sidecar, ref_vars = refiner.load_checked(refiner_checkpoint, 'refiner')
     ae_sidecar, ae_vars = refiner.load_checked(autoencoder_checkpoint, 'mask_autoencoder')
+    self.coarse_path, self.refiner_path = str(coarse_checkpoint), str(refiner_checkpoint)
     self.autoencoder_path, self.autoencoder_sidecar = str(autoencoder_checkpoint), ae_sidecar
     refiner.check_refiner_matches(self.sidecar, ae_sidecar, self.coarse.sidecar, str(refiner_checkpoint))
     spec = self.sidecar['model']

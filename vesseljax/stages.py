@@ -328,9 +328,10 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
     samples = samples[:config.eval.max_images]
   progress = refined_progress(config, workdir, predictor, overwrite)
   done = progress.load()
+  resumed = sum(s.id in done for s in samples)
   if done:
-    log.info('resuming %s: %d of %d images already scored in %s', out_json.name,
-             sum(s.id in done for s in samples), len(samples), progress.folder)
+    log.info('resuming %s: %d of %d images already scored in %s', out_json.name, resumed, len(samples),
+             progress.folder)
   rows, coarse_rows, saved = [], [], {'prob': [], 'coarse': [], 'variance': []}
   thr = config.eval.threshold
   for i, s in enumerate(samples):
@@ -360,12 +361,12 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
   coarse_name = predictor.coarse.sidecar['model']['name']
   method = f'{coarse_name}+diff({config.sample.steps})'
   meta = {'dataset': config.data.name, 'split': split, 'method': method, 'sampling': config.sample.to_dict(),
-          'refiner': str(workdir / 'refiner.msgpack'), 'refiner_sidecar': predictor.sidecar,
+          'refiner': predictor.refiner_path, 'refiner_sidecar': predictor.sidecar,
           'autoencoder': predictor.autoencoder_path, 'autoencoder_sidecar': predictor.autoencoder_sidecar,
           'working_size_hw': list(predictor.coarse.work_size), 'threshold': thr,
           'protocol': 'inside FOV, native resolution', 'command': command,
           'date': datetime.date.today().isoformat(), 'wilcoxon_vs_coarse': test,
-          'resumed_images': sum(s.id in done for s in samples),
+          'resumed_images': resumed,
           'coarse_rows': coarse_rows, 'coarse_summary': coarse_summary}
   report.write_results(out_json, rows, summary, meta, overwrite=overwrite)
   write_maps(workdir / f'maps_refined_{split}_{tag}.npz', [s.id for s in samples], saved)
@@ -431,7 +432,7 @@ class RefinedProgress:
 def refined_progress(config, workdir: pathlib.Path, predictor, overwrite: bool = False) -> RefinedProgress:
   """The progress folder of `evaluate_refined` for these settings, checked against what it was started with.
 
-  Its spec is the SHA-256 of the refiner, autoencoder and coarse checkpoints,
+  Its spec is the SHA-256 of the refiner, autoencoder and coarse checkpoints `predictor` loaded,
   the data (name, root, split), the threshold, `config.sample` and the tile
   overlap. A folder started with another spec raises ValueError naming it and
   what differs (nothing is deleted), unless `overwrite`, which starts afresh.
@@ -439,10 +440,9 @@ def refined_progress(config, workdir: pathlib.Path, predictor, overwrite: bool =
   from vesseljax.train import refiner_loops  # pylint: disable=g-import-not-at-top
   split, tag = config.eval.split, sampling_tag(config)
   folder = workdir / f'eval_refined_{split}_{tag}.partial'
-  coarse_ckpt = config.diffusion.coarse_checkpoint or checkpoint_path(config, workdir)
-  spec = {'refiner_sha256': refiner_loops.file_hash(workdir / 'refiner.msgpack'),
+  spec = {'refiner_sha256': refiner_loops.file_hash(predictor.refiner_path),
           'autoencoder_sha256': refiner_loops.file_hash(predictor.autoencoder_path),
-          'coarse_sha256': refiner_loops.file_hash(coarse_ckpt),
+          'coarse_sha256': refiner_loops.file_hash(predictor.coarse_path),
           'dataset': config.data.name, 'data_root': str(config.data.root), 'split': split,
           'threshold': float(config.eval.threshold), 'sampling': config.sample.to_dict(),
           'tile_overlap': int(config.diffusion.tile_overlap), 'impl': config.model.impl}
