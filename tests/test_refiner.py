@@ -402,6 +402,22 @@ def test_pixel_detail_refiner_warm_starts_as_the_plain_one_then_learns(trained, 
     refiner_loops.warm_start_params(plain, tmp_path / 'refiner.msgpack', ae_sidecar, plain_models)
 
 
+def test_resuming_after_the_autoencoder_was_retrained_is_refused(trained, tmp_path):
+  """Same autoencoder architecture, other weights and latent scale: the run must not go on in another latent space."""
+  config, workdir = trained
+  for name in ('autoencoder.msgpack', 'autoencoder.msgpack.json'):
+    shutil.copy(workdir / name, tmp_path / name)
+  limited = copy.deepcopy(config)
+  limited.diffusion.max_train_seconds = 1e-9  # stops after step 1 with a checkpoint
+  refiner_loops.train_refiner(limited, tmp_path)
+  side, variables = coarse.load_params(tmp_path / 'autoencoder.msgpack')
+  coarse.write_params(tmp_path / 'autoencoder.msgpack', jax.tree.map(lambda x: 1.1 * x, variables), side['model'],
+                      {**{k: v for k, v in side.items() if k not in ('model', 'model_hash')},
+                       'latent_scale': 1.1 * side['latent_scale']})
+  with pytest.raises(coarse.CheckpointError, match='this run was started with'):
+    refiner_loops.train_refiner(config, tmp_path)
+
+
 def test_time_limit_stops_checkpoints_and_exports_then_resumes(trained, tmp_path):
   config, workdir = trained
   for name in ('autoencoder.msgpack', 'autoencoder.msgpack.json'):
@@ -505,6 +521,55 @@ def test_tiles_cover_the_image_and_blend_to_the_value_of_equal_tiles():
     assert covered.all() and starts[-1] + 32 == max(length, 32)
   w = refine.tile_window(32, 8)
   assert w.shape == (32, 32) and w.min() > 0 and w.max() == 1 and np.allclose(w, w.T)
+
+
+def test_tile_groups_are_balanced_and_cover_every_tile_once():
+  assert refine.tile_groups(9, 4) == (3, [range(0, 3), range(3, 6), range(6, 9)])
+  assert refine.tile_groups(8, 4) == (4, [range(0, 4), range(4, 8)])
+  assert refine.tile_groups(5, 2) == (2, [range(0, 2), range(2, 4), range(4, 5)])
+  assert refine.tile_groups(1, 4) == (1, [range(0, 1)])
+  for count in range(1, 30):
+    for tile_batch in range(1, 10):
+      batch, groups = refine.tile_groups(count, tile_batch)
+      assert batch <= tile_batch and [i for g in groups for i in g] == list(range(count))
+      assert len(groups) == -(-count // tile_batch) and all(len(g) <= batch for g in groups)
+
+
+@pytest.mark.parametrize('start', ['noise', 'coarse'])
+def test_a_tile_s_refined_map_does_not_depend_on_the_tiles_sampled_beside_it(trained, start):
+  """Every (trajectory, tile) draws its own noise: tile_batch 1 and 4 give the same map (4 tiles here)."""
+  config, workdir = trained
+  rng = np.random.default_rng(5)
+  coarse_prob, ra = rng.random((2, 40, 48)).astype(np.float32)
+  photo = rng.random((40, 48, 3)).astype(np.float32)
+  maps = [_predictor(copy.deepcopy(config), workdir, start=start, tile_batch=b).refine_work(photo, coarse_prob, ra)
+          for b in (1, 4)]
+  for one, four in zip(*maps):
+    np.testing.assert_allclose(one, four, atol=2e-5)
+  # ... and tiles do not share noise: equal inputs in every tile still give unequal tiles.
+  flat = _predictor(copy.deepcopy(config), workdir, start=start, tile_batch=4)
+  mean, _ = flat.refine_work(np.full((64, 64, 3), 0.5, np.float32), np.full((64, 64), 0.3, np.float32),
+                             np.full((64, 64), 0.7, np.float32))
+  assert np.abs(mean[:32, :32] - mean[32:, 32:]).max() > 1e-4
+
+
+@pytest.mark.parametrize('overlap', [-1, 32, 40])
+def test_a_tile_overlap_out_of_range_is_refused(trained, overlap):
+  config, workdir = trained
+  config = copy.deepcopy(config)
+  config.diffusion.tile_overlap = overlap
+  with pytest.raises(ValueError, match='diffusion.tile_overlap'):
+    stages.refined_predictor(config, workdir)
+
+
+def test_an_infinite_latent_during_sampling_names_the_image(trained, monkeypatch):
+  """+-inf latents decode to probabilities 0 or 1, which look finite: the latent itself is checked."""
+  config, workdir = trained
+  monkeypatch.setattr(refine.sampler, 'ddim_sample',
+                      lambda eps_fn, schedule, cond, *a, **k: jnp.full_like(cond['coarse_latent'], jnp.inf))
+  s = _samples(config, 'test')[0]
+  with pytest.raises(refine.SamplingError, match=s.id):
+    _predictor(copy.deepcopy(config), workdir)(s.image, name=s.id)
 
 
 @pytest.mark.parametrize('field, value, match', [

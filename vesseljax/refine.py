@@ -7,7 +7,10 @@
            each packed as [RGB, p_c, ra] exactly as in training
         -> per tile: E(p_c) and the image tokens condition a DDIM sampler
            (diffusion.sampler: one lax.scan, guidance as one batched forward),
-           k trajectories vmapped over PRNG keys in one compiled call
+           k trajectories vmapped over PRNG keys in one compiled call; every
+           (trajectory, tile) pair draws its own noise from
+           fold_in(member key, tile index), so a tile's result does not depend
+           on which tiles are sampled beside it (sample.tile_batch)
         -> decode each trajectory's z0 to probabilities; mean and variance over k
         -> tiles blended with a tapered window -> back to native size.
 
@@ -42,6 +45,15 @@ log = logging.getLogger('vesseljax')
 #               scored Dice 0.29 on a DRIVE image (coarse 0.82); the
 #               autoencoder's logits likely saturate off the vessels.
 DECODES = ('direct', 'residual')
+
+# Which noise each tile draws, recorded with every refined evaluation (and in
+# the spec of its progress folder, so partial results are never mixed):
+#   1  (up to 2026-11-27) one key per ensemble member for a whole tile batch:
+#      tiles in the same batch slot of different batches shared their noise,
+#      and a tile's result depended on sample.tile_batch;
+#   2  one key per (member, tile): fold_in(member key, tile index), and the
+#      start noise and DDIM noise from separate halves of a split.
+SAMPLING_REVISION = 2
 
 
 class SamplingError(RuntimeError):
@@ -101,6 +113,25 @@ class SampleOptions:
       raise ValueError(f'sample.ensemble={self.ensemble} and sample.tile_batch={self.tile_batch} must be >= 1')
 
 
+def check_tile_overlap(tile: int, overlap: int) -> None:
+  """Raises ValueError unless 0 <= overlap < tile (the tiles then cover the image)."""
+  if not 0 <= overlap < tile:
+    raise ValueError(f'diffusion.tile_overlap={overlap} must be >= 0 and smaller than the tile '
+                     f'(diffusion.tile_size={tile})')
+
+
+def tile_groups(count: int, tile_batch: int) -> tuple[int, list[range]]:
+  """(batch, groups): `count` tiles in as few groups of at most `tile_batch` as possible, of equal size.
+
+  9 tiles at tile_batch 4 are 3 groups of 3 (9 slots), not 4 + 4 + 1 padded
+  to 12: padding slots cost as much as tiles. `batch` is the compiled batch
+  size, the largest group.
+  """
+  num_groups = -(-count // tile_batch)
+  batch = -(-count // num_groups)
+  return batch, [range(first, min(first + batch, count)) for first in range(0, count, batch)]
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
   """Start offsets of tiles of `tile` covering [0, length) with at least `overlap` shared pixels."""
   if length <= tile:
@@ -121,6 +152,8 @@ def tile_window(tile: int, overlap: int) -> np.ndarray:
 class RefinedPredictor:
   """Coarse model + refiner: `predictor(rgb) -> dict` of native-size maps."""
 
+  sampling_revision = SAMPLING_REVISION
+
   def __init__(self, coarse_checkpoint, refiner_checkpoint, autoencoder_checkpoint, data_config,
                options: SampleOptions, tile_overlap: int = 32, impl: str = 'auto'):
     self.coarse = predict.CoarsePredictor(coarse_checkpoint, data_config, impl)
@@ -133,6 +166,7 @@ class RefinedPredictor:
     options.check(spec['timesteps'])
     self.options = options
     self.tile, self.overlap = spec['tile_size'], int(tile_overlap)
+    check_tile_overlap(self.tile, self.overlap)
     self.models = {'autoencoder': refiner.create_autoencoder(ae_sidecar['model']),
                    'image_encoder': refiner.create_image_encoder(spec),
                    'denoiser': refiner.create_denoiser(spec)}
@@ -147,7 +181,14 @@ class RefinedPredictor:
     self._sample = jax.jit(self._sample_tiles)
 
   def _sample_tiles(self, params, ae_params, tiles, keys):
-    """(k, B, T, T) probabilities: k DDIM trajectories (vmapped) for B packed tiles (B, T, T, 5)."""
+    """(k, B, T, T) probabilities and (B,) finite flags for B packed tiles (B, T, T, 5).
+
+    keys: (k, B) PRNG keys, one per trajectory and tile. The k trajectories are
+    vmapped (one compiled call), and so are the tiles: each tile's start noise
+    and DDIM noise come from its own key. A flag is False where any
+    trajectory's z0 is not finite (probabilities alone would hide +-inf, which
+    the sigmoid maps to 0 or 1).
+    """
     o = self.options
     drop_coarse = jnp.ones(tiles.shape[:1], bool) if o.drop_coarse else None
     cond = refiner.conditioning(self.models, params, ae_params, self.scale, tiles, use_ra=self.use_ra,
@@ -159,20 +200,33 @@ class RefinedPredictor:
 
     eps_fn = sampler.guided_eps_fn(denoise_fn, 0.0 if force_drop else float(o.guidance))
     decode = lambda z: refiner.decode_probs(self.models['autoencoder'], ae_params, z, self.scale)
-    offset = 0.0
-    if o.decode == 'residual':
-      offset = tiles[..., refine_data.COARSE] - decode(cond['coarse_latent'])
 
-    def one(key):
+    def one_tile(key, tile_cond):
+      """z0 (h, w, C) of one trajectory for one tile (`tile_cond`: one tile's condition)."""
+      tile_cond = jax.tree.map(lambda x: x[None], tile_cond)
+      start_key, ddim_key = jax.random.split(key)
       if o.start == 'noise':
-        z, start = jax.random.normal(key, cond['coarse_latent'].shape), None
+        z, start = jax.random.normal(start_key, tile_cond['coarse_latent'].shape), None
       else:
-        z, start = sampler.strength_start(self.schedule, cond['coarse_latent'], o.steps, o.strength, key)
-      z0 = sampler.ddim_sample(eps_fn, self.schedule, cond, z, o.steps, jax.random.fold_in(key, 1),
-                               eta=o.eta, start_index=start)
-      return jnp.clip(decode(z0) + offset, 0.0, 1.0)
+        z, start = sampler.strength_start(self.schedule, tile_cond['coarse_latent'], o.steps, o.strength,
+                                          start_key)
+      z0 = sampler.ddim_sample(eps_fn, self.schedule, tile_cond, z, o.steps, ddim_key, eta=o.eta,
+                               start_index=start)
+      return z0[0]
 
-    return sampler.sample_ensemble(one, keys)
+    z0 = sampler.sample_ensemble(lambda tile_keys: jax.vmap(one_tile)(tile_keys, cond), keys)  # (k, B, h, w, C)
+    probs = jax.vmap(decode)(z0)
+    if o.decode == 'residual':
+      probs = probs + tiles[..., refine_data.COARSE] - decode(cond['coarse_latent'])
+    finite = jnp.all(jnp.isfinite(z0), axis=(0, 2, 3, 4)) & jnp.all(jnp.isfinite(probs), axis=(0, 2, 3))
+    return jnp.clip(probs, 0.0, 1.0), finite
+
+  @staticmethod
+  def tile_keys(seed: int, ensemble: int, tile_indices) -> jax.Array:
+    """(ensemble, len(tile_indices)) keys: fold_in(split(key(seed), ensemble)[m], tile index)."""
+    members = jax.random.split(jax.random.key(seed), ensemble)
+    indices = jnp.asarray(list(tile_indices), jnp.uint32)
+    return jax.vmap(lambda m: jax.vmap(lambda i: jax.random.fold_in(m, i))(indices))(members)
 
   def refine_work(self, rgb_work: np.ndarray, coarse_prob: np.ndarray, ra_map: np.ndarray,
                   name: str = 'image') -> tuple[np.ndarray, np.ndarray]:
@@ -196,13 +250,16 @@ class RefinedPredictor:
     acc_mean = np.zeros((ph, pw), np.float32)
     acc_var = np.zeros((ph, pw), np.float32)
     acc_w = np.zeros((ph, pw), np.float32)
-    keys = jax.random.split(jax.random.key(o.seed), o.ensemble)
-    for first in range(0, len(corners), o.tile_batch):
-      group = corners[first:first + o.tile_batch]
+    batch, groups = tile_groups(len(corners), o.tile_batch)
+    for indices in groups:
+      group = [corners[i] for i in indices]
+      pad = batch - len(group)  # padding slots: zero tiles, keys of indices no tile has
       tiles = np.stack([packed[y:y + t, x:x + t] for y, x in group]
-                       + [np.zeros((t, t, refine_data.NUM_CHANNELS), np.float32)] * (o.tile_batch - len(group)))
-      probs = np.asarray(self._sample(self.params, self.ae_params, jnp.asarray(tiles), keys))
-      if not np.all(np.isfinite(probs[:, :len(group)])):
+                       + [np.zeros((t, t, refine_data.NUM_CHANNELS), np.float32)] * pad)
+      keys = self.tile_keys(o.seed, o.ensemble, list(indices) + list(range(len(corners), len(corners) + pad)))
+      probs, finite = self._sample(self.params, self.ae_params, jnp.asarray(tiles), keys)
+      probs, finite = np.asarray(probs), np.asarray(finite)
+      if not finite[:len(group)].all():
         raise SamplingError(f'{name}: non-finite values while sampling tiles at {group}')
       mean, var = probs.mean(axis=0), probs.var(axis=0)
       for j, (y, x) in enumerate(group):

@@ -361,6 +361,7 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
   coarse_name = predictor.coarse.sidecar['model']['name']
   method = f'{coarse_name}+diff({config.sample.steps})'
   meta = {'dataset': config.data.name, 'split': split, 'method': method, 'sampling': config.sample.to_dict(),
+          'sampling_revision': predictor.sampling_revision,
           'refiner': predictor.refiner_path, 'refiner_sidecar': predictor.sidecar,
           'autoencoder': predictor.autoencoder_path, 'autoencoder_sidecar': predictor.autoencoder_sidecar,
           'working_size_hw': list(predictor.coarse.work_size), 'threshold': thr,
@@ -445,7 +446,8 @@ def refined_progress(config, workdir: pathlib.Path, predictor, overwrite: bool =
           'coarse_sha256': refiner_loops.file_hash(predictor.coarse_path),
           'dataset': config.data.name, 'data_root': str(config.data.root), 'split': split,
           'threshold': float(config.eval.threshold), 'sampling': config.sample.to_dict(),
-          'tile_overlap': int(config.diffusion.tile_overlap), 'impl': config.model.impl}
+          'tile_overlap': int(config.diffusion.tile_overlap), 'impl': config.model.impl,
+          'sampling_revision': predictor.sampling_revision}
   spec = json.loads(json.dumps(spec, sort_keys=True))  # tuples -> lists, as read back
   spec_path = folder / 'spec.json'
   if spec_path.exists():

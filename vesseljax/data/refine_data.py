@@ -83,9 +83,14 @@ def pack(samples: Sequence[Sample], data_config, coarse: Sequence[tuple[np.ndarr
   return ArrayDataset(images=images, labels=labels, fovs=fovs, ids=list(ids or [s.id for s in samples]))
 
 
+def coarse_map_paths(diffusion_config) -> list[str]:
+  """The holdout_maps.npz files listed in diffusion.coarse_maps (comma-separated)."""
+  return [x.strip() for x in diffusion_config.coarse_maps.split(',') if x.strip()]
+
+
 def _oof_dataset(config, samples: Sequence[Sample]) -> ArrayDataset:
   d = config.diffusion
-  paths = [x.strip() for x in d.coarse_maps.split(',') if x.strip()]
+  paths = coarse_map_paths(d)
   if not paths:
     raise DataError(f"diffusion.coarse_source={d.coarse_source!r} needs diffusion.coarse_maps "
                     '(comma-separated holdout_maps.npz paths)')

@@ -289,7 +289,13 @@ def train_refiner(config, workdir: str | pathlib.Path,
   tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
                                 config.train.grad_clip)
   state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
+  # The autoencoder's file and latent scale and the coarse-map files, besides the
+  # architectures: resuming after any of them was retrained would go on training
+  # in another latent space, or on other pairs, without a word.
   run_spec = {**refiner.refiner_spec(d), 'autoencoder_hash': ae_sidecar['model_hash'],
+              'autoencoder_sha256': file_hash(autoencoder_path(config, workdir)), 'latent_scale': scale,
+              **({'coarse_maps_sha256': [file_hash(x) for x in refine_data.coarse_map_paths(d)]}
+                 if d.coarse_source != 'degrade' else {}),
               'coarse_source': d.coarse_source, 'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra),
               **({'init_hash': init['init_hash']} if init else {}), **_loss_departures(d),
               **({'init_new_autoencoder': True} if init.get('init_new_autoencoder') else {})}
