@@ -251,13 +251,15 @@ class RefinedPredictor:
     acc_var = np.zeros((ph, pw), np.float32)
     acc_w = np.zeros((ph, pw), np.float32)
     batch, groups = tile_groups(len(corners), o.tile_batch)
+    # Keys of every tile, then of padding slots (indices no tile has), built once per image.
+    keys = self.tile_keys(o.seed, o.ensemble, range(len(corners) + batch))
     for indices in groups:
       group = [corners[i] for i in indices]
-      pad = batch - len(group)  # padding slots: zero tiles, keys of indices no tile has
+      pad = batch - len(group)  # padding slots: zero tiles
       tiles = np.stack([packed[y:y + t, x:x + t] for y, x in group]
                        + [np.zeros((t, t, refine_data.NUM_CHANNELS), np.float32)] * pad)
-      keys = self.tile_keys(o.seed, o.ensemble, list(indices) + list(range(len(corners), len(corners) + pad)))
-      probs, finite = self._sample(self.params, self.ae_params, jnp.asarray(tiles), keys)
+      slots = np.r_[np.asarray(indices), len(corners) + np.arange(pad)]
+      probs, finite = self._sample(self.params, self.ae_params, jnp.asarray(tiles), keys[:, slots])
       probs, finite = np.asarray(probs), np.asarray(finite)
       if not finite[:len(group)].all():
         raise SamplingError(f'{name}: non-finite values while sampling tiles at {group}')
