@@ -631,7 +631,7 @@ def test_evaluate_refined_and_uncertainty_stages(trained, tmp_path):
   assert saved['meta']['autoencoder_sidecar']['model_hash'] == saved['meta']['refiner_sidecar']['autoencoder_hash']
   # The saved maps (uint8) give back the scored Dice, refined and coarse.
   maps = stages.read_maps(workdir / f'maps_refined_test_{stages.sampling_tag(config)}.npz')
-  sample = sources.load_samples(config.data, 'test', stages.tfds_dir(config, workdir))[0]
+  sample = sources.load_samples(config.data, 'test', sources.tfds_dir(config.data, workdir))[0]
   got = maps[sample.id]
   assert got['prob'].shape == got['coarse'].shape == got['variance'].shape == sample.label.shape
   for key, row in (('prob', saved['rows'][0]), ('coarse', saved['meta']['coarse_rows'][0])):
@@ -647,6 +647,8 @@ def test_evaluate_refined_and_uncertainty_stages(trained, tmp_path):
   stem = sorted(p.stem for p in inputs.glob('*.png') if p.stem != 'broken')[0]
   for suffix in ('prob', 'mask', 'overlay', 'variance', 'uncertain'):
     assert (tmp_path / 'out' / f'{stem}_{suffix}.png').is_file()
+  with pytest.raises(FileExistsError, match='_prob.png'):  # a second run does not replace them silently
+    stages.uncertainty(config, workdir, str(inputs), str(tmp_path / 'out'))
 
 
 class _StopsAfter:

@@ -50,3 +50,43 @@ def test_real_drive_split_through_files(shared_datasets):
   config.data.root = str(shared_datasets)
   samples = sources.load_samples(config.data, 'test')
   assert len(samples) == 20 and samples[0].image.shape == (584, 565, 3)
+
+
+def test_tfds_source_needs_a_build_folder_and_defaults_to_the_workdir(tmp_path):
+  config = tiny_config()
+  config.data.name = 'drive'
+  config.data.root = str(tmp_path)
+  config.data.source = 'tfds'
+  with pytest.raises(DataError, match='tfds_dir'):
+    sources.load_samples(config.data, 'train')
+  assert sources.tfds_dir(config.data, tmp_path / 'run') == tmp_path / 'run' / 'tfds'
+  config.data.tfds_dir = str(tmp_path / 'builds')
+  assert sources.tfds_dir(config.data, tmp_path / 'run') == tmp_path / 'builds'
+
+
+@pytest.mark.parametrize('which', ['coarse', 'refiner'])
+def test_training_reads_tfds_builds_from_the_workdir_by_default(tmp_path, monkeypatch, which):
+  """Training used to pass the unset data.tfds_dir (None) on to the TFDS reader."""
+  from vesseljax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  from vesseljax.train import loops, refiner_loops  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def fake_load(name, manual_dir, data_dir, split):
+    seen.append((name, split, data_dir))
+    raise Stop
+
+  monkeypatch.setattr(tfds_builders, 'load_split_tfds', fake_load)
+  monkeypatch.setattr(sources.datasets, 'resolve_dataset_dir', lambda name, root: root)
+  config = tiny_config()
+  config.data.name = 'drive'
+  config.data.root = str(tmp_path)
+  config.data.source = 'tfds'
+  with pytest.raises(Stop):
+    if which == 'coarse':
+      loops.train_coarse(config, tmp_path / 'run')
+    else:
+      refiner_loops.training_tiles(config, tmp_path / 'run')
+  assert seen == [('drive', 'train', tmp_path / 'run' / 'tfds')]

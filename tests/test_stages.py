@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO_ROOT, tiny_config
 from vesseljax import predict, stages
 from vesseljax.data import sources
-from vesseljax.evaluate import metrics
+from vesseljax.evaluate import metrics, report
 from vesseljax.train import coarse, loops
 
 
@@ -44,6 +44,52 @@ def test_evaluate_writes_rows_that_match_the_metrics(trained):
     stages.evaluate(config, workdir)
 
 
+def test_evaluate_scores_maps_resized_back_to_the_native_size(trained, tmp_path):
+  """Native size (70x90) differs from the working size (64x64): scores use the resized-back map."""
+  _, workdir = trained
+  config = tiny_config()
+  config.data.synthetic_size = (70, 90)
+  config.eval.checkpoint = str(workdir / 'params.msgpack')
+  result = stages.evaluate(config, tmp_path)
+  predictor = predict.CoarsePredictor(workdir / 'params.msgpack', config.data)
+  samples = sources.load_samples(config.data, 'test')
+  for sample, row in zip(samples, result['rows'], strict=True):
+    assert sample.label.shape == (70, 90)
+    work = predictor.probs_at_work_size(predictor.preprocess(sample.image)[None])[0]
+    assert work.shape == (64, 64)
+    native = np.clip(cv2.resize(work.astype(np.float32), (90, 70), interpolation=cv2.INTER_LINEAR), 0, 1)
+    pred, label = native[sample.fov] >= 0.5, sample.label[sample.fov]
+    dice = 2 * np.sum(pred & label) / (np.sum(pred) + np.sum(label))
+    assert row['dice'] == pytest.approx(dice, abs=1e-6)
+    assert row['auc'] == pytest.approx(metrics.image_metrics(native, sample.label, sample.fov)['auc'], abs=1e-6)
+
+
+def test_evaluate_reads_compare_to_first_and_pairs_the_shared_images(trained, tmp_path, monkeypatch):
+  _, workdir = trained
+  config = tiny_config()
+  config.eval.checkpoint = str(workdir / 'params.msgpack')
+  for name in 'abcd':
+    (tmp_path / name).mkdir()
+  scored = []
+  native_probs = predict.native_probs
+  monkeypatch.setattr(predict, 'native_probs', lambda *a: scored.append(1) or native_probs(*a))
+  config.eval.compare_to = str(tmp_path / 'missing.json')
+  with pytest.raises(FileNotFoundError, match='missing.json'):
+    stages.evaluate(config, tmp_path / 'a')
+  assert not scored  # refused before any image was scored
+  config.eval.compare_to, config.eval.max_images = '', 1
+  stages.evaluate(config, tmp_path / 'b')
+  config.eval.compare_to, config.eval.max_images = str(tmp_path / 'b' / 'eval_test.json'), 0
+  both = stages.evaluate(config, tmp_path / 'c')  # 2 images against a file with the first one
+  assert len(both['rows']) == 2
+  assert both['meta']['wilcoxon_vs']['n'] == 1 and both['meta']['wilcoxon_vs']['only_a'] == 1
+  report.write_results(tmp_path / 'other.json', [{'id': 'elsewhere/1', 'dice': 0.5}], {}, {})
+  config.eval.compare_to = str(tmp_path / 'other.json')
+  with pytest.raises(stages.DataError, match='scores none'):
+    stages.evaluate(config, tmp_path / 'd')
+  assert not (tmp_path / 'd' / 'eval_test.json').exists()
+
+
 def test_predict_writes_maps_and_skips_unreadable_inputs(trained, tmp_path):
   config, workdir = trained
   inputs = tmp_path / 'in'
@@ -52,9 +98,19 @@ def test_predict_writes_maps_and_skips_unreadable_inputs(trained, tmp_path):
   big = cv2.resize(sample.image, (90, 70))  # any size, not the working size
   cv2.imwrite(str(inputs / 'photo.jpg'), cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
   (inputs / 'broken.png').write_bytes(b'not a png at all')
+  cv2.imwrite(str(inputs / 'dark.png'), np.zeros((40, 50, 3), np.uint8))  # no field of view to find
   predictor = predict.CoarsePredictor(workdir / 'params.msgpack', config.data)
   written, errors = predict.predict_files(predictor, predict.list_inputs(inputs), tmp_path / 'out')
-  assert written == 1 and len(errors) == 1 and 'broken.png' in errors[0]
+  assert written == 1 and len(errors) == 2
+  assert 'broken.png' in errors[0] and 'dark.png' in errors[1] and 'no field of view' in errors[1]
+  before = (tmp_path / 'out' / 'photo_prob.png').read_bytes()
+  with pytest.raises(FileExistsError, match='photo_prob.png'):  # nothing is replaced silently
+    predict.predict_files(predictor, predict.list_inputs(inputs), tmp_path / 'out')
+  assert (tmp_path / 'out' / 'photo_prob.png').read_bytes() == before
+  assert predict.predict_files(predictor, [inputs / 'photo.jpg'], tmp_path / 'out', overwrite=True) == (1, [])
+  cv2.imwrite(str(inputs / 'photo.png'), cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
+  with pytest.raises(stages.DataError, match='photo.jpg and .*photo.png'):
+    predict.list_inputs(inputs)
   prob = cv2.imread(str(tmp_path / 'out' / 'photo_prob.png'), cv2.IMREAD_UNCHANGED)
   mask = cv2.imread(str(tmp_path / 'out' / 'photo_mask.png'), cv2.IMREAD_UNCHANGED)
   over = cv2.imread(str(tmp_path / 'out' / 'photo_overlay.png'), cv2.IMREAD_UNCHANGED)
@@ -105,7 +161,7 @@ TINY_FLAGS = [
 def test_launch_runs_the_whole_job_and_then_skips_it(tmp_path):
   proc = _launch(*TINY_FLAGS, f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  for name in ('stats.json', 'params.msgpack', 'eval_test.json', 'eval_test.md', 'config.json'):
+  for name in ('stats.json', 'params.msgpack', 'eval_test.json', 'eval_test.md', 'config_all.json'):
     assert (tmp_path / name).exists(), name
   for kind in ('prob', 'mask', 'overlay'):
     assert len(list((tmp_path / 'predictions').glob(f'*_{kind}.png'))) == 2, kind

@@ -110,3 +110,27 @@ def test_batch_size_must_divide_devices(tmp_path):
   config.train.batch_size = 6
   with pytest.raises(ValueError, match='not divisible by the 4'):
     loops.train_coarse(config, tmp_path)
+
+
+def test_a_non_finite_gradient_stops_before_its_update_is_kept(tmp_path, monkeypatch):
+  """A finite loss with a NaN gradient would save NaN parameters as a 'good' checkpoint."""
+  config = tiny_config()
+  real_make = steps.make_pmapped_train_step
+
+  def make(*args, **kwargs):
+    step_fn = real_make(*args, **kwargs)
+
+    def poisoned(state, batch, key):
+      new_state, metrics = step_fn(state, batch, key)
+      if int(np.asarray(state.step).reshape(-1)[0]) == 3:
+        new_state = new_state.replace(params=jax.tree.map(lambda x: x * np.nan, new_state.params))
+        metrics = dict(metrics, grad_norm=metrics['grad_norm'] * np.nan)
+      return new_state, metrics
+    return poisoned
+
+  monkeypatch.setattr(steps, 'make_pmapped_train_step', make)
+  with pytest.raises(loops.TrainingError, match=r'non-finite training grad_norm \(nan\) at step 3.*last good checkpoint is step 2'):
+    loops.train_coarse(config, tmp_path)
+  ckpt = state_lib.Checkpoints(tmp_path)
+  assert ckpt.latest_step() == 2
+  ckpt.close()

@@ -32,7 +32,7 @@ _MULTIHOST = flags.DEFINE_bool(
     'multihost', False, 'Call jax.distributed.initialize() first (one process per host; the coordinator '
     'address, process count and id come from the cluster environment or JAX_COORDINATOR_ADDRESS, '
     'JAX_NUM_PROCESSES, JAX_PROCESS_ID).')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'evaluate, holdout: replace existing result files.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'evaluate, holdout, predict, uncertainty: replace existing result files.')
 
 def main(argv):
   if len(argv) > 1:
@@ -53,7 +53,8 @@ def main(argv):
   sources.resolve_data_root(config)
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path.home() / 'vesseljax_runs' / config.data.name)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  # One record per mode: a later evaluate or predict call does not replace the training run's.
+  (workdir / f'config_{_MODE.value}.json').write_text(config.to_json_best_effort(indent=2))
   logging.getLogger('vesseljax').info('jax %s on %s (%d device(s)); workdir %s', jax.__version__, jax.default_backend(),
                jax.local_device_count(), workdir)
   command = 'python -m vesseljax.launch ' + ' '.join(sys.argv[1:])
@@ -63,7 +64,7 @@ def main(argv):
   from vesseljax.refine import SamplingError  # pylint: disable=g-import-not-at-top
   try:
     _dispatch(config, workdir, command)
-  except (DataError, CheckpointError, TrainingError, SamplingError, FileExistsError) as e:
+  except (DataError, CheckpointError, TrainingError, SamplingError, FileExistsError, FileNotFoundError) as e:
     # These carry messages naming the file and the problem: show them, not a traceback.
     logging.getLogger('vesseljax').error('%s: %s', type(e).__name__, e)
     sys.exit(2)
@@ -97,12 +98,12 @@ def _dispatch(config, workdir: pathlib.Path, command: str) -> None:
   elif mode == 'uncertainty':
     if not _INPUT.value:
       raise app.UsageError('--mode=uncertainty needs --input=FILE_OR_DIR')
-    if stages.uncertainty(config, workdir, _INPUT.value, _OUTPUT.value):
+    if stages.uncertainty(config, workdir, _INPUT.value, _OUTPUT.value, _OVERWRITE.value):
       sys.exit(1)
   elif mode == 'predict':
     if not _INPUT.value:
       raise app.UsageError('--mode=predict needs --input=FILE_OR_DIR')
-    if stages.predict_images(config, workdir, _INPUT.value, _OUTPUT.value):
+    if stages.predict_images(config, workdir, _INPUT.value, _OUTPUT.value, _OVERWRITE.value):
       sys.exit(1)
 
 

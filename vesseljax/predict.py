@@ -126,27 +126,60 @@ def list_inputs(path: str | pathlib.Path) -> list[pathlib.Path]:
   files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
   if not files:
     raise DataError(f'{path}: no images ({", ".join(IMAGE_SUFFIXES)}) in this folder')
+  by_stem = {}
+  for f in files:  # outputs are named by stem: photo.jpg and photo.png would write the same files
+    if f.stem in by_stem:
+      raise DataError(f'{by_stem[f.stem]} and {f}: two photos named {f.stem!r} would write the same '
+                      'output files; rename one')
+    by_stem[f.stem] = f
   return files
 
 
-def predict_files(predictor: CoarsePredictor, inputs: Iterable[pathlib.Path], out_dir: str | pathlib.Path,
-                  threshold: float = 0.5) -> tuple[int, list[str]]:
-  """Segments each photo; an unreadable one is logged and skipped.
+MAP_KINDS = ('prob', 'mask', 'overlay')
+
+
+def refuse_existing_outputs(inputs: Iterable[pathlib.Path], out_dir: pathlib.Path,
+                            kinds: Sequence[str] = MAP_KINDS, overwrite: bool = False) -> None:
+  """FileExistsError naming the output files of `inputs` already in `out_dir`, unless `overwrite`."""
+  if overwrite:
+    return
+  existing = [out_dir / f'{p.stem}_{k}.png' for p in inputs for k in kinds
+              if (out_dir / f'{p.stem}_{k}.png').exists()]
+  if existing:
+    raise FileExistsError(f'{existing[0]} and {len(existing) - 1} other output file(s) exist; '
+                          'pass --overwrite to replace them or choose another --output')
+
+
+def read_photo(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """(RGB uint8 (H, W, 3), field of view (H, W) bool) of a photo; DataError naming the file."""
+  rgb = datasets.read_rgb(path)
+  try:
+    return rgb, datasets.derive_fov(rgb)
+  except DataError as e:
+    raise DataError(f'{path}: {e}') from e
+
+
+def predict_files(predictor: CoarsePredictor, inputs: Sequence[pathlib.Path], out_dir: str | pathlib.Path,
+                  threshold: float = 0.5, overwrite: bool = False) -> tuple[int, list[str]]:
+  """Segments each photo; an unreadable one (or one without a field of view) is logged and skipped.
+
+  Raises:
+    FileExistsError: outputs of these photos are in `out_dir` already and not `overwrite`.
 
   Returns:
     (number written, list of error lines). The caller exits non-zero if any.
   """
   out_dir = pathlib.Path(out_dir)
+  refuse_existing_outputs(inputs, out_dir, MAP_KINDS, overwrite)
   errors, written = [], 0
   for path in inputs:
     try:
-      rgb = datasets.read_rgb(path)
+      rgb, fov = read_photo(path)
     except DataError as e:
       log.error('skipping %s', e)
       errors.append(str(e))
       continue
     prob = predictor(rgb)
-    fov = datasets.derive_fov(rgb)
     write_maps(out_dir, path.stem, rgb, prob, threshold, fov)
     written += 1
     log.info('wrote %s_{prob,mask,overlay}.png to %s', path.stem, out_dir)

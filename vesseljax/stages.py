@@ -26,10 +26,6 @@ from vesseljax.evaluate import metrics, report
 log = logging.getLogger('vesseljax')
 
 
-def tfds_dir(config, workdir: pathlib.Path) -> pathlib.Path:
-  return pathlib.Path(config.data.tfds_dir) if config.data.tfds_dir else workdir / 'tfds'
-
-
 def prepare(config, workdir: pathlib.Path) -> dict:
   """Builds (or verifies) the TFDS array_record copy of the dataset; counts per split."""
   name = config.data.name
@@ -41,7 +37,7 @@ def prepare(config, workdir: pathlib.Path) -> dict:
     return counts
   from vesseljax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   manual_dir = datasets.resolve_dataset_dir(name, config.data.root)
-  builder = tfds_builders.build(name, manual_dir, tfds_dir(config, workdir))
+  builder = tfds_builders.build(name, manual_dir, sources.tfds_dir(config.data, workdir))
   for split in ('train', 'test'):
     counts[split] = builder.info.splits[split].num_examples
     expected = len(datasets.list_split(name, config.data.root, split))
@@ -67,7 +63,7 @@ def stats(config, workdir: pathlib.Path) -> dict:
   """Per-split counts, image sizes, vessel fraction inside the FOV, and the observer baseline."""
   out = {'dataset': config.data.name}
   for split in ('train', 'test'):
-    samples = sources.load_samples(config.data, split, tfds_dir(config, workdir))
+    samples = sources.load_samples(config.data, split, sources.tfds_dir(config.data, workdir))
     frac = [float(s.label[s.fov].mean()) for s in samples]
     sizes = sorted({f'{s.image.shape[1]}x{s.image.shape[0]}' for s in samples})
     split_stats = {'count': len(samples), 'sizes_wxh': sizes,
@@ -122,9 +118,15 @@ def evaluate(config, workdir: pathlib.Path, command: str = '', overwrite: bool =
     raise FileExistsError(f'{out_json} exists; remove it or pass --overwrite to replace it')
   ckpt = checkpoint_path(config, workdir)
   predictor = predict.CoarsePredictor(ckpt, config.data, config.model.impl, config.eval.flips)
-  samples = sources.load_samples(config.data, split, tfds_dir(config, workdir))
+  samples = sources.load_samples(config.data, split, sources.tfds_dir(config.data, workdir))
   if config.eval.max_images:
     samples = samples[:config.eval.max_images]
+  other = None
+  if config.eval.compare_to:  # read and checked before the images are scored, not after
+    other = report.read_results(config.eval.compare_to)
+    if not {s.id for s in samples} & {r['id'] for r in other['rows']}:
+      raise DataError(f'{config.eval.compare_to}: eval.compare_to scores none of the {len(samples)} '
+                      f'{split} images scored here')
   rows, t0 = [], time.time()
   for i, s in enumerate(samples):
     prob = predict.native_probs(predictor, [s.image])[0]
@@ -137,9 +139,8 @@ def evaluate(config, workdir: pathlib.Path, command: str = '', overwrite: bool =
           'threshold': config.eval.threshold, 'protocol': 'inside FOV, native resolution',
           'test_time_flips': config.eval.flips, 'command': command, 'date': datetime.date.today().isoformat()}
   pvalues = None
-  if config.eval.compare_to:
-    other = report.read_results(config.eval.compare_to)
-    test = metrics.wilcoxon(rows, other['rows'], 'dice')
+  if other is not None:  # paired on the images both files score
+    test = report.compare_rows(rows, other['rows'], 'dice')
     meta['wilcoxon_vs'] = {'file': config.eval.compare_to, 'method': other['meta'].get('method'), **test}
     pvalues = {meta['method']: test['p_value']}
   report.write_results(out_json, rows, summary, meta, overwrite=overwrite)
@@ -184,7 +185,7 @@ def holdout(config, workdir: pathlib.Path, overwrite: bool = False) -> pathlib.P
     raise coarse.CheckpointError(
         f'{ckpt}: trained with num_folds, fold = {trained_on}, asked for held-out fold '
         f'{d.fold} of {d.num_folds}; its maps would not be out-of-fold')
-  data = sources.to_arrays(sources.load_samples(d, 'train', tfds_dir(config, workdir)), d)
+  data = sources.to_arrays(sources.load_samples(d, 'train', sources.tfds_dir(config.data, workdir)), d)
   _, held = sources.fold_split(data, d.num_folds, d.fold)
   probs, ras = zip(*(predictor.maps(image) for image in held.images))
   tmp = out.with_suffix('.tmp.npz')
@@ -195,14 +196,15 @@ def holdout(config, workdir: pathlib.Path, overwrite: bool = False) -> pathlib.P
   return out
 
 
-def predict_images(config, workdir: pathlib.Path, inputs: str, output: Optional[str]) -> int:
+def predict_images(config, workdir: pathlib.Path, inputs: str, output: Optional[str],
+                   overwrite: bool = False) -> int:
   """Segments photos; returns the number of unreadable inputs (the launch exits non-zero on any)."""
   from vesseljax import predict  # pylint: disable=g-import-not-at-top
   predictor = predict.CoarsePredictor(checkpoint_path(config, workdir), config.data, config.model.impl,
                                        config.eval.flips)
   out_dir = pathlib.Path(output) if output else workdir / 'predictions'
   written, errors = predict.predict_files(predictor, predict.list_inputs(inputs), out_dir,
-                                          config.eval.threshold)
+                                          config.eval.threshold, overwrite)
   log.info('wrote maps for %d image(s) to %s; %d error(s)', written, out_dir, len(errors))
   for e in errors:
     log.error('  %s', e)
@@ -255,7 +257,7 @@ def evaluate_autoencoder(config, workdir: pathlib.Path, command: str = '', overw
   size = sources.work_size(config.data)
   rows, coarse_rows, saved = [], [], {'prob': [], 'coarse': []}
   thr = config.eval.threshold
-  samples = sources.load_samples(config.data, split, tfds_dir(config, workdir))
+  samples = sources.load_samples(config.data, split, sources.tfds_dir(config.data, workdir))
   for s in samples:
     if coarse_model is None:
       mask, _ = refine_data.label_fov(s, size)
@@ -323,7 +325,7 @@ def evaluate_refined(config, workdir: pathlib.Path, command: str = '', overwrite
   if out_json.exists() and not overwrite:
     raise FileExistsError(f'{out_json} exists; remove it or pass --overwrite to replace it')
   predictor = refined_predictor(config, workdir)
-  samples = sources.load_samples(config.data, split, tfds_dir(config, workdir))
+  samples = sources.load_samples(config.data, split, sources.tfds_dir(config.data, workdir))
   if config.eval.max_images:
     samples = samples[:config.eval.max_images]
   progress = refined_progress(config, workdir, predictor, overwrite)
@@ -500,7 +502,8 @@ def read_maps(path: pathlib.Path) -> dict[str, dict[str, np.ndarray]]:
   return out
 
 
-def uncertainty(config, workdir: pathlib.Path, inputs: str, output: Optional[str]) -> int:
+def uncertainty(config, workdir: pathlib.Path, inputs: str, output: Optional[str],
+                overwrite: bool = False) -> int:
   """Refined maps with uncertainty for photos; returns the number of unreadable inputs.
 
   Per photo: `<stem>_prob.png`, `<stem>_mask.png`, `<stem>_overlay.png` (as
@@ -513,15 +516,16 @@ def uncertainty(config, workdir: pathlib.Path, inputs: str, output: Optional[str
   from vesseljax import predict  # pylint: disable=g-import-not-at-top
   predictor = refined_predictor(config, workdir)
   out_dir = pathlib.Path(output) if output else workdir / 'uncertainty'
+  paths = predict.list_inputs(inputs)
+  predict.refuse_existing_outputs(paths, out_dir, predict.MAP_KINDS + ('variance', 'uncertain'), overwrite)
   errors = 0
-  for path in predict.list_inputs(inputs):
+  for path in paths:
     try:
-      rgb = datasets.read_rgb(path)
+      rgb, fov = predict.read_photo(path)
     except DataError as e:
       log.error('skipping %s', e)
       errors += 1
       continue
-    fov = datasets.derive_fov(rgb)
     maps = predictor(rgb, name=str(path))
     prob = np.where(fov, maps['prob'], 0.0)
     var = np.where(fov, maps['variance'], 0.0)
@@ -541,7 +545,7 @@ def write_test_inputs(config, workdir: pathlib.Path, limit: int = 2) -> pathlib.
   import cv2  # pylint: disable=g-import-not-at-top
   folder = workdir / 'demo_inputs'
   folder.mkdir(parents=True, exist_ok=True)
-  for s in sources.load_samples(config.data, 'test')[:limit]:
+  for s in sources.load_samples(config.data, 'test', sources.tfds_dir(config.data, workdir))[:limit]:
     cv2.imwrite(str(folder / f'{s.id.split("/")[-1]}.png'), cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))
   return folder
 

@@ -29,6 +29,11 @@ def resolve_data_root(config) -> None:
 NAMES = datasets.DATASETS + ('synthetic',)
 
 
+def tfds_dir(data_config, workdir: str | pathlib.Path) -> pathlib.Path:
+  """Where TFDS builds live: `data_config.tfds_dir`, else <workdir>/tfds."""
+  return pathlib.Path(data_config.tfds_dir) if data_config.tfds_dir else pathlib.Path(workdir) / 'tfds'
+
+
 def load_samples(data_config, split: str, tfds_dir: Optional[str | pathlib.Path] = None) -> list[Sample]:
   """Samples of `split` ('train' | 'test') for `data_config.name`.
 
@@ -48,6 +53,9 @@ def load_samples(data_config, split: str, tfds_dir: Optional[str | pathlib.Path]
   if data_config.root is None:
     raise DataError(f'no data root set for {name}: pass --config.data.root=DIR or set VESSELJAX_DATA_DIR')
   if data_config.source == 'tfds':
+    if tfds_dir is None:
+      raise DataError(f'{name}: data.source=tfds needs a folder for the TFDS build: '
+                      'pass --config.data.tfds_dir=DIR (or run a stage with a --workdir)')
     from vesseljax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     manual_dir = datasets.resolve_dataset_dir(name, data_config.root)
     return tfds_builders.load_split_tfds(name, manual_dir, tfds_dir, split)

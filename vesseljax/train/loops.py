@@ -86,6 +86,20 @@ def training_images(config, data: pipeline.ArrayDataset) -> tuple[pipeline.Array
   return split_train_val(data, config.data.num_val)
 
 
+def check_step(metrics: dict, step: int, what: str, ckpt: state_lib.Checkpoints) -> None:
+  """TrainingError when a step's loss or gradient norm is not finite.
+
+  A finite loss with a non-finite gradient still poisons the updated
+  parameters, so both are checked before the new state is kept.
+  """
+  bad = [f'{k} ({float(metrics[k])})' for k in ('loss', 'grad_norm')
+         if k in metrics and not np.isfinite(float(metrics[k]))]
+  if bad:
+    raise TrainingError(
+        f'non-finite {what} {" and ".join(bad)} at step {step}; stopped without saving it. '
+        f'The last good checkpoint is step {ckpt.latest_step()} in {ckpt.latest.directory}.')
+
+
 def validation_dice(predict_fn, variables, val: pipeline.ArrayDataset, batch_size: int) -> float:
   """Mean per-image Dice at the working resolution inside the FOV, threshold 0.5."""
   probs = coarse.infer_probs(predict_fn, variables, val.images, batch_size)
@@ -121,7 +135,8 @@ def train_coarse(config, workdir: str | pathlib.Path, train_data: Optional[pipel
     raise ValueError(f'train.batch_size={t.batch_size} is not divisible by the {devices} devices')
 
   if train_data is None:
-    train_data = sources.to_arrays(sources.load_samples(config.data, 'train', config.data.tfds_dir), config.data)
+    samples = sources.load_samples(config.data, 'train', sources.tfds_dir(config.data, workdir))
+    train_data = sources.to_arrays(samples, config.data)
   train_data, val_data = training_images(config, train_data)
   fold = (f', fold {config.data.fold} of {config.data.num_folds} held out'
           if config.data.num_folds else '')
@@ -154,11 +169,7 @@ def train_coarse(config, workdir: str | pathlib.Path, train_data: Optional[pipel
     for step in range(start, t.num_steps):
       batch = pipeline.host_shard(sampler.batch(step))
       new_state, metrics = train_step(state, batch, train_key)
-      loss = float(metrics['loss'])
-      if not np.isfinite(loss):
-        raise TrainingError(
-            f'non-finite training loss ({loss}) at step {step}; stopped without saving it. '
-            f'The last good checkpoint is step {ckpt.latest_step()} in {workdir / "checkpoints"}.')
+      check_step(metrics, step, 'training', ckpt)
       state = new_state
       history.append(metrics)
       done = step + 1
@@ -176,7 +187,7 @@ def train_coarse(config, workdir: str | pathlib.Path, train_data: Optional[pipel
         ckpt.save(state)
   finally:
     ckpt.wait()
-  ckpt.close()
+    ckpt.close()
   export_run(config, workdir, state)
   return state
 

@@ -252,7 +252,7 @@ def autoencoder_step(state: TrainState, batch: dict, key: jax.Array, *, ae: nn.M
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
-  metrics = {'loss': loss, **{k: jnp.mean(v) for k, v in parts.items()}}
+  metrics = {'loss': loss, **{k: jnp.mean(v) for k, v in parts.items()}, 'grad_norm': optax.tree.norm(grads)}
   return state.apply_gradients(grads=grads), jax.lax.pmean(metrics, AXIS)
 
 

@@ -28,11 +28,12 @@ from vesseljax.train import coarse, loops, refiner, state as state_lib
 log = logging.getLogger('vesseljax')
 
 
-def training_tiles(config, data: Optional[pipeline.ArrayDataset] = None) -> pipeline.ArrayDataset:
+def training_tiles(config, workdir: pathlib.Path,
+                   data: Optional[pipeline.ArrayDataset] = None) -> pipeline.ArrayDataset:
   """The refiner's packed training images (see refine_data), loaded from config if not given."""
   if data is not None:
     return data
-  samples = sources.load_samples(config.data, 'train', config.data.tfds_dir)
+  samples = sources.load_samples(config.data, 'train', sources.tfds_dir(config.data, workdir))
   if config.data.num_folds:
     raise ValueError('the refiner trains on the whole training split: unset data.num_folds')
   return refine_data.refiner_dataset(config, samples)
@@ -47,7 +48,7 @@ def _sampler(config, data, batch_size: int) -> pipeline.PatchSampler:
 def _run(step_fn: Callable, state, sampler, ckpt: state_lib.Checkpoints, progress: loops.Progress,
          num_steps: int, log_every: int, checkpoint_every: int, key: jax.Array, *extra,
          max_seconds: float = 0.0):
-  """The shared loop: step, NaN check, log, checkpoint; returns the final state.
+  """The shared loop: step, NaN check, log, checkpoint; returns the final state (`ckpt` closed).
 
   max_seconds > 0 stops the run after that many seconds of this process's
   training (checked after each step; the state is checkpointed), so a run with
@@ -59,11 +60,7 @@ def _run(step_fn: Callable, state, sampler, ckpt: state_lib.Checkpoints, progres
     for step in range(int(state.step), num_steps):
       batch = pipeline.host_shard(sampler.batch(step))
       new_state, metrics = step_fn(state, batch, key, *extra)
-      loss = float(metrics['loss'])
-      if not np.isfinite(loss):
-        raise loops.TrainingError(
-            f'non-finite {progress.what} loss ({loss}) at step {step}; stopped without saving it. '
-            f'The last good checkpoint is step {ckpt.latest_step()} in {ckpt.latest.directory}.')
+      loops.check_step(metrics, step, progress.what, ckpt)
       state = new_state
       history.append(metrics)
       done = step + 1
@@ -81,6 +78,7 @@ def _run(step_fn: Callable, state, sampler, ckpt: state_lib.Checkpoints, progres
         break
   finally:
     ckpt.wait()
+    ckpt.close()
   return state
 
 
@@ -167,7 +165,7 @@ def train_autoencoder(config, workdir: str | pathlib.Path,
   workdir = pathlib.Path(workdir)
   d = config.diffusion
   _check_batch(d.ae_batch_size)
-  data = training_tiles(config, data)
+  data = training_tiles(config, workdir, data)
   spec = refiner.autoencoder_spec(d)
   ae = refiner.create_autoencoder(spec)
   tile = d.tile_size
@@ -187,7 +185,6 @@ def train_autoencoder(config, workdir: str | pathlib.Path,
   progress = loops.Progress(workdir, d.ae_steps, int(state.step), 'autoencoder')
   state = _run(step_fn, state, sampler, ckpt, progress, d.ae_steps, d.log_every, d.checkpoint_every,
                jax.random.fold_in(jax.random.key(config.seed), 11), max_seconds=d.max_train_seconds)
-  ckpt.close()
   probe = sampler.batch(10**6)  # a fixed set of tiles, not a training batch
   if d.ae_train_encoder:
     scale = latent_scale_of(ae, state.params, probe['label'])
@@ -275,7 +272,7 @@ def train_refiner(config, workdir: str | pathlib.Path,
   _check_batch(d.batch_size)
   models, ae_params, ae_sidecar = load_models(config, workdir)
   scale = float(ae_sidecar['latent_scale'])
-  data = training_tiles(config, data)
+  data = training_tiles(config, workdir, data)
   params = init_refiner_params(models, jax.random.key(config.seed + 5), d.tile_size, d.latent_channels)
   init = {}
   if d.init_checkpoint:  # fine-tuning: the EMA starts at these params too
@@ -310,7 +307,6 @@ def train_refiner(config, workdir: str | pathlib.Path,
   state = _run(step_fn, state, _sampler(config, data, d.batch_size), ckpt, progress, d.num_steps,
                d.log_every, d.checkpoint_every, jax.random.fold_in(jax.random.key(config.seed), 13), ae_params,
                max_seconds=d.max_train_seconds)
-  ckpt.close()
   path = coarse.write_params(workdir / 'refiner.msgpack', {'params': state.ema_params}, refiner.refiner_spec(d), {
       'autoencoder_hash': ae_sidecar['model_hash'], 'latent_scale': scale,
       'coarse_hash': coarse.spec_hash(coarse.model_spec(config.model)), 'coarse_source': d.coarse_source,
