@@ -13,6 +13,7 @@ Dice of the plain mean of the two maps (a diagnostic, not a pipeline option).
 """
 
 import json
+import os
 import pathlib
 import sys
 
@@ -35,7 +36,7 @@ def main(argv):
   from vesseljax.data import sources  # pylint: disable=g-import-not-at-top
   from vesseljax.evaluate import metrics, width  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  sources.resolve_data_root(config)
+  sources.resolve_data_root(config, os.environ.get('VESSELJAX_DATA_DIR'))
   out = pathlib.Path(_OUT.value) if _OUT.value else None
   if out is not None and out.exists():
     raise FileExistsError(f'{out} exists; remove it first')

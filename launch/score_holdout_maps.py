@@ -7,6 +7,7 @@ Scored at the working size inside the FOV, threshold 0.5 (the maps are stored
 at the working size): how good the refiner's out-of-fold training inputs are.
 """
 
+import os
 import pathlib
 import sys
 
@@ -23,7 +24,7 @@ def main(argv):
   from vesseljax.data import refine_data, sources  # pylint: disable=g-import-not-at-top
   from vesseljax.evaluate import metrics  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  sources.resolve_data_root(config)
+  sources.resolve_data_root(config, os.environ.get('VESSELJAX_DATA_DIR'))
   paths = argv[1:]
   if not paths:
     raise app.UsageError('name one or more holdout_maps.npz files')

@@ -90,3 +90,15 @@ def test_training_reads_tfds_builds_from_the_workdir_by_default(tmp_path, monkey
     else:
       refiner_loops.training_tiles(config, tmp_path / 'run')
   assert seen == [('drive', 'train', tmp_path / 'run' / 'tfds')]
+
+
+def test_data_root_comes_from_the_config_then_the_caller_then_the_default():
+  config = tiny_config()
+  config.data.name = 'drive'
+  sources.resolve_data_root(config, '/from/env')
+  assert config.data.root == '/from/env'
+  sources.resolve_data_root(config, '/other')  # a root already set is kept
+  assert config.data.root == '/from/env'
+  config.data.root = None
+  sources.resolve_data_root(config)
+  assert config.data.root == str(sources.DEFAULT_DATA_ROOT)

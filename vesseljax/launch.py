@@ -50,7 +50,7 @@ def main(argv):
   logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax logs every save at INFO
   config = _CONFIG.value
   from vesseljax.data import sources  # pylint: disable=g-import-not-at-top
-  sources.resolve_data_root(config)
+  sources.resolve_data_root(config, os.environ.get('VESSELJAX_DATA_DIR'))
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path.home() / 'vesseljax_runs' / config.data.name)
   workdir.mkdir(parents=True, exist_ok=True)
   # One record per mode: a later evaluate or predict call does not replace the training run's.

@@ -6,7 +6,6 @@ them to the working resolution as an `ArrayDataset` for the pipeline.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from typing import Optional, Sequence
 
@@ -20,11 +19,12 @@ from vesseljax.data.sample import DataError, Sample
 DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[3] / 'shared' / 'datasets'
 
 
-def resolve_data_root(config) -> None:
-  """Sets config.data.root, if unset: $VESSELJAX_DATA_DIR, else ../shared/datasets beside the repo."""
+def resolve_data_root(config, env_root: Optional[str] = None) -> None:
+  """Sets config.data.root, if unset: `env_root` (the entry points pass $VESSELJAX_DATA_DIR), else
+  ../shared/datasets beside the repo."""
   if config.data.root is None and config.data.name != 'synthetic':
     with config.unlocked():
-      config.data.root = os.environ.get('VESSELJAX_DATA_DIR') or str(DEFAULT_DATA_ROOT)
+      config.data.root = env_root or str(DEFAULT_DATA_ROOT)
 
 NAMES = datasets.DATASETS + ('synthetic',)
 
