@@ -228,6 +228,10 @@ def test_resuming_a_run_with_another_model_is_refused(tmp_path):
   config.model.name = 'lunet'
   with pytest.raises(coarse.CheckpointError, match='run_model.json: this run was started with'):
     loops.train_coarse(config, tmp_path)
+  config.model.name = 'lunet_ra'
+  config.train.num_steps = 4  # another cosine schedule: not a resume of this run either
+  with pytest.raises(coarse.CheckpointError, match="'num_steps': 2"):
+    loops.train_coarse(config, tmp_path)
 
 
 def test_test_time_flips_average_the_mirrored_predictions(trained):

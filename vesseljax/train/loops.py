@@ -148,8 +148,11 @@ def train_coarse(config, workdir: str | pathlib.Path, train_data: Optional[pipel
   eval_model = coarse.create_model(config.model)
   state = build_train_state(config, model, train_data.images.shape[-1])
   try:
-    state_lib.check_run_spec(workdir, 'run_model', {**coarse.model_spec(config.model), 'num_folds': config.data.num_folds,
-                                                    'fold': config.data.fold, 'dataset': config.data.name})
+    # What a resume must share with the first start: the network, the data and the schedule.
+    state_lib.check_run_spec(workdir, 'run_model', {
+        **coarse.model_spec(config.model), 'num_folds': config.data.num_folds, 'fold': config.data.fold,
+        'dataset': config.data.name, 'working_size_hw': list(train_data.images.shape[1:3]),
+        'patch_size': t.patch_size, 'batch_size': t.batch_size, 'num_steps': t.num_steps, 'seed': config.seed})
   except ValueError as e:
     raise coarse.CheckpointError(str(e)) from e
   ckpt = state_lib.Checkpoints(workdir, keep=t.keep_checkpoints)
