@@ -1,0 +1,136 @@
+r"""How good is the refiner's one-step estimate of x0? Dice of D(x0_hat) by timestep.
+
+  python launch/probe_denoiser.py --config=configs/drive.py --workdir=$W \
+      --config.diffusion.coarse_checkpoint=weights/drive_lunet_ra.msgpack \
+      --timesteps=50,100,250,500,750 --out=results/drive/denoiser_probe.json
+
+A diagnostic, not a pipeline option. For each test image (the refiner and
+autoencoder in `$W`, conditioned as at sampling on the coarse model's map, its
+RA map and the photo; guidance config.sample.guidance) and each timestep t,
+the tiles' latents are noised to t in one step,
+z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps, and the denoiser is called once:
+x0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), decoded and blended
+over the tiles as `refine.py` does. Two latents z are noised:
+  'label'   the autoencoder latent of the ground truth: the training target,
+            so this is the denoiser's own task on unseen images;
+  'coarse'  the coarse map's latent: what sampling from the coarse latent
+            (sample.start=coarse) starts from.
+Scored at the WORKING size inside the working-size FOV (threshold
+eval.threshold), against the label resized there, beside the coarse map and
+the label's autoencoder round trip at the same size. The noise is drawn from
+PRNG key fold_in(fold_in(key(seed), image index), t), the same for both latents.
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Dataset config file.', lock_config=False)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Holds refiner.msgpack and autoencoder.msgpack.', required=True)
+_OUT = flags.DEFINE_string('out', None, 'Results JSON; refuses to overwrite.', required=True)
+_TIMESTEPS = flags.DEFINE_list('timesteps', ['50', '100', '250', '500', '750'], 'Timesteps t in [0, T).')
+_MAX_IMAGES = flags.DEFINE_integer('max_images', 0, 'Score the first N images of the split (0: all).')
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vesseljax import refine, stages  # pylint: disable=g-import-not-at-top
+  from vesseljax.data import preprocess, refine_data, sources  # pylint: disable=g-import-not-at-top
+  from vesseljax.diffusion import sampler  # pylint: disable=g-import-not-at-top
+  from vesseljax.evaluate import metrics  # pylint: disable=g-import-not-at-top
+  from vesseljax.train import refiner  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  sources.resolve_data_root(config, os.environ.get('VESSELJAX_DATA_DIR'))
+  out = pathlib.Path(_OUT.value)
+  if out.exists():
+    raise FileExistsError(f'{out} exists; remove it first')
+  p = stages.refined_predictor(config, pathlib.Path(_WORKDIR.value))
+  timesteps = [int(t) for t in _TIMESTEPS.value]
+  if not all(0 <= t < p.schedule.num_steps for t in timesteps):
+    raise ValueError(f'--timesteps must lie in [0, {p.schedule.num_steps}), got {timesteps}')
+  ae = p.models['autoencoder']
+  force_drop = not p.use_image
+
+  @jax.jit
+  def x0_probs(tiles, z, t, key):
+    """Decoded one-step x0 estimates (B, T, T) from latents z (B, h, w, C) noised to timestep t."""
+    cond = refiner.conditioning(p.models, p.params, p.ae_params, p.scale, tiles, use_ra=p.use_ra)
+    denoise_fn = lambda z_t, tt, c, drop: refiner.denoise(p.models, p.params, z_t, tt, c, drop | force_drop)
+    eps_fn = sampler.guided_eps_fn(denoise_fn, 0.0 if force_drop else float(config.sample.guidance))
+    abar = p.schedule.alphas_cumprod[t]
+    eps = jax.random.normal(key, z.shape)
+    z_t = jnp.sqrt(abar) * z + jnp.sqrt(1.0 - abar) * eps
+    eps_hat = eps_fn(z_t, jnp.full((z.shape[0],), t, jnp.int32), cond)
+    x0 = (z_t - jnp.sqrt(1.0 - abar) * eps_hat) / jnp.sqrt(abar)
+    return refiner.decode_probs(ae, p.ae_params, x0, p.scale)
+
+  encode = jax.jit(lambda m: refiner.encode_masks(ae, p.ae_params, m, p.scale))
+  decode = jax.jit(lambda z: refiner.decode_probs(ae, p.ae_params, z, p.scale))
+  size = p.coarse.work_size
+  samples = sources.load_samples(config.data, config.eval.split, sources.tfds_dir(config.data, _WORKDIR.value))
+  samples = samples[:_MAX_IMAGES.value or None]
+  thr, tile = config.eval.threshold, p.tile
+  names = ['coarse', 'label_roundtrip'] + [f'{src}_t{t}' for src in ('label', 'coarse') for t in timesteps]
+  rows = {n: [] for n in names}
+  for i, s in enumerate(samples):
+    label, fov = refine_data.label_fov(s, size)
+    coarse_prob, ra = p.coarse.maps(p.coarse.preprocess(s.image))
+    h, w = size
+    ph, pw = max(h, tile), max(w, tile)
+    packed = np.zeros((ph, pw, refine_data.NUM_CHANNELS), np.float32)
+    packed[:h, :w, refine_data.RGB] = preprocess.preprocess_rgb(s.image, size)
+    packed[:h, :w, refine_data.COARSE] = coarse_prob
+    packed[:h, :w, refine_data.RA] = ra
+    label_packed = np.zeros((ph, pw), np.float32)
+    label_packed[:h, :w] = label
+    corners = [(y, x) for y in refine.tile_starts(ph, tile, p.overlap) for x in refine.tile_starts(pw, tile, p.overlap)]
+    tiles = jnp.asarray(np.stack([packed[y:y + tile, x:x + tile] for y, x in corners]))
+    z = {'label': encode(jnp.asarray(np.stack([label_packed[y:y + tile, x:x + tile] for y, x in corners]))),
+         'coarse': encode(tiles[..., refine_data.COARSE])}
+    window = refine.tile_window(tile, p.overlap)
+
+    def blend(tile_probs):
+      acc, wsum = np.zeros((ph, pw), np.float32), np.zeros((ph, pw), np.float32)
+      for (y, x), prob in zip(corners, np.asarray(tile_probs)):
+        acc[y:y + tile, x:x + tile] += window * prob
+        wsum[y:y + tile, x:x + tile] += window
+      return (acc / wsum)[:h, :w]
+
+    maps = {'coarse': coarse_prob, 'label_roundtrip': blend(decode(z['label']))}
+    image_key = jax.random.fold_in(jax.random.key(config.seed), i)
+    for t in timesteps:
+      key = jax.random.fold_in(image_key, t)
+      for src in ('label', 'coarse'):
+        maps[f'{src}_t{t}'] = blend(x0_probs(tiles, z[src], t, key))
+    for name in names:
+      rows[name].append({'id': s.id, **metrics.image_metrics(maps[name], label, fov, thr)})
+    print(f'{i + 1}/{len(samples)} {s.id}: ' + ', '.join(f'{n} {rows[n][-1]["dice"]:.3f}' for n in names),
+          flush=True)
+  summary = {n: {k: float(np.mean([r[k] for r in rows[n]])) for k in ('dice', 'auc', 'sensitivity', 'specificity')}
+             for n in names}
+  for n in names:
+    print(f'{n:16s} ' + ' '.join(f'{k} {v:.4f}' for k, v in summary[n].items()))
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({
+      'meta': {'dataset': config.data.name, 'split': config.eval.split, 'threshold': thr,
+               'scored_at': 'working size, inside the working-size FOV', 'timesteps': timesteps,
+               'guidance': float(config.sample.guidance), 'refiner': p.refiner_path,
+               'autoencoder': p.autoencoder_path, 'seed': config.seed,
+               'command': 'python ' + ' '.join(sys.argv), 'date': datetime.date.today().isoformat()},
+      'summary': summary, 'rows': rows}, indent=1))
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
