@@ -8,6 +8,7 @@
 # <stem>_prob.png (16-bit), _mask.png, _overlay.png, _variance.png (colour map,
 # 0..0.25) and _uncertain.png (pixels with variance >= sample.uncertain_variance
 # in magenta). Exits non-zero if any photo could not be read (the rest are done).
+# Existing outputs in OUT_DIR are refused; add --overwrite to replace them.
 set -eu
 INPUT=${1:?photo or folder}; OUTPUT=${2:?output folder}; WORKDIR=${3:-$HOME/runs/drive_refiner}
 shift $(( $# < 3 ? $# : 3 ))
