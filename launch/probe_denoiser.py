@@ -23,20 +23,16 @@ PRNG key fold_in(fold_in(key(seed), image index), t), the same for both latents.
 
 import datetime
 import json
-import os
 import pathlib
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Dataset config file.', lock_config=False)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Holds refiner.msgpack and autoencoder.msgpack.', required=True)
-_OUT = flags.DEFINE_string('out', None, 'Results JSON; refuses to overwrite.', required=True)
+import refiner_diagnostic  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 _TIMESTEPS = flags.DEFINE_list('timesteps', ['50', '100', '250', '500', '750'], 'Timesteps t in [0, T).')
-_MAX_IMAGES = flags.DEFINE_integer('max_images', 0, 'Score the first N images of the split (0: all).')
 
 
 def main(argv):
@@ -44,17 +40,12 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from vesseljax import refine, stages  # pylint: disable=g-import-not-at-top
-  from vesseljax.data import preprocess, refine_data, sources  # pylint: disable=g-import-not-at-top
+  from vesseljax import refine  # pylint: disable=g-import-not-at-top
+  from vesseljax.data import preprocess, refine_data  # pylint: disable=g-import-not-at-top
   from vesseljax.diffusion import sampler  # pylint: disable=g-import-not-at-top
   from vesseljax.evaluate import metrics  # pylint: disable=g-import-not-at-top
   from vesseljax.train import refiner  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  sources.resolve_data_root(config, os.environ.get('VESSELJAX_DATA_DIR'))
-  out = pathlib.Path(_OUT.value)
-  if out.exists():
-    raise FileExistsError(f'{out} exists; remove it first')
-  p = stages.refined_predictor(config, pathlib.Path(_WORKDIR.value))
+  config, p, samples, out = refiner_diagnostic.setup()
   timesteps = [int(t) for t in _TIMESTEPS.value]
   if not all(0 <= t < p.schedule.num_steps for t in timesteps):
     raise ValueError(f'--timesteps must lie in [0, {p.schedule.num_steps}), got {timesteps}')
@@ -77,8 +68,6 @@ def main(argv):
   encode = jax.jit(lambda m: refiner.encode_masks(ae, p.ae_params, m, p.scale))
   decode = jax.jit(lambda z: refiner.decode_probs(ae, p.ae_params, z, p.scale))
   size = p.coarse.work_size
-  samples = sources.load_samples(config.data, config.eval.split, sources.tfds_dir(config.data, _WORKDIR.value))
-  samples = samples[:_MAX_IMAGES.value or None]
   thr, tile = config.eval.threshold, p.tile
   names = ['coarse', 'label_roundtrip'] + [f'{src}_t{t}' for src in ('label', 'coarse') for t in timesteps]
   rows = {n: [] for n in names}

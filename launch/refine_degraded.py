@@ -21,21 +21,15 @@ refiner checks that it matches) but not used.
 
 import datetime
 import json
-import os
 import pathlib
 import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Dataset config file.', lock_config=False)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Holds refiner.msgpack and autoencoder.msgpack.', required=True)
-_OUT = flags.DEFINE_string('out', None, 'Results JSON (per-image rows, summary); refuses to overwrite.',
-                           required=True)
-_MAX_IMAGES = flags.DEFINE_integer('max_images', 0, 'Score the first N images of the split (0: all).')
+import refiner_diagnostic  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main(argv):
@@ -43,21 +37,12 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from vesseljax import stages  # pylint: disable=g-import-not-at-top
-  from vesseljax.data import degrade, preprocess, refine_data, sources  # pylint: disable=g-import-not-at-top
+  from vesseljax.data import degrade, preprocess, refine_data  # pylint: disable=g-import-not-at-top
   from vesseljax.evaluate import metrics, report  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  sources.resolve_data_root(config, os.environ.get('VESSELJAX_DATA_DIR'))
-  out = pathlib.Path(_OUT.value)
-  if out.exists():
-    raise FileExistsError(f'{out} exists; remove it first')
-  workdir = pathlib.Path(_WORKDIR.value)
-  predictor = stages.refined_predictor(config, workdir)
+  config, predictor, samples, out = refiner_diagnostic.setup()
   ae = predictor.models['autoencoder']
   round_trip = jax.jit(lambda p, m: jax.nn.sigmoid(ae.apply({'params': p}, m)))
   size = predictor.coarse.work_size
-  samples = sources.load_samples(config.data, config.eval.split, sources.tfds_dir(config.data, workdir))
-  samples = samples[:_MAX_IMAGES.value or None]
   thr = config.eval.threshold
   rows = {'degraded': [], 'roundtrip': [], 'refined': []}
   for i, s in enumerate(samples):
