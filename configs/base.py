@@ -153,6 +153,9 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: each of train_autoencoder / train_refiner stops (checkpointed, then exported)
   # after this many seconds of training, e.g. inside a lent GPU's time.
   config.diffusion.max_train_seconds = 0.0
+  # --mode=train_refiner_ablations: the refiners trained together from scratch, one
+  # vmapped step (names of train/refiner_sweep.ABLATIONS; 'control' is the full refiner).
+  config.diffusion.ablations = 'control,noimage,nora,noedge,nodice'
   # --mode=evaluate_autoencoder reconstructs 'label' (the test labels) or 'coarse'
   # (the coarse model's maps: the output of a refiner that learned the identity).
   config.diffusion.ae_eval_input = 'label'

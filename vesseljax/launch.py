@@ -23,7 +23,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (default ~/vesseljax_runs/<dataset>).')
 _MODE = flags.DEFINE_enum('mode', 'all', ['all', 'prepare', 'stats', 'train', 'export', 'evaluate', 'predict',
-                                           'holdout', 'train_autoencoder', 'train_refiner',
+                                           'holdout', 'train_autoencoder', 'train_refiner', 'train_refiner_ablations',
                                            'evaluate_autoencoder', 'evaluate_refined', 'uncertainty'],
                           'What to run.')
 _INPUT = flags.DEFINE_string('input', None, 'predict, uncertainty: a photo or a folder of photos.')
@@ -91,6 +91,8 @@ def _dispatch(config, workdir: pathlib.Path, command: str) -> None:
     stages.train_autoencoder(config, workdir)
   elif mode == 'train_refiner':
     stages.train_refiner(config, workdir)
+  elif mode == 'train_refiner_ablations':
+    stages.train_refiner_ablations(config, workdir)
   elif mode == 'evaluate_autoencoder':
     stages.evaluate_autoencoder(config, workdir, command, overwrite=_OVERWRITE.value)
   elif mode == 'evaluate_refined':

@@ -221,6 +221,17 @@ def train_refiner(config, workdir: pathlib.Path) -> pathlib.Path:
   return refiner_loops.train_refiner(config, workdir)
 
 
+def train_refiner_ablations(config, workdir: pathlib.Path) -> dict:
+  """The `diffusion.ablations` refiners, from scratch in one vmapped step (train/refiner_sweep.py).
+
+  Each is exported to `<workdir>/<variant>/refiner.msgpack`; evaluate one with
+  `--mode=evaluate_refined --workdir=<workdir>/<variant>`.
+  """
+  from vesseljax.train import refiner_sweep  # pylint: disable=g-import-not-at-top
+  names = [n.strip() for n in str(config.diffusion.ablations).split(',') if n.strip()]
+  return refiner_sweep.train_refiner_sweep(config, workdir, names)
+
+
 def evaluate_autoencoder(config, workdir: pathlib.Path, command: str = '', overwrite: bool = False) -> dict:
   """Reconstruction of the `config.eval.split` labels by the mask autoencoder.
 

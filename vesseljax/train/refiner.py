@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vesseljax.data import refine_data
@@ -123,6 +124,19 @@ def check_refiner_matches(refiner_sidecar: dict, ae_sidecar: dict, coarse_sideca
 
 # ---------------------------------------------------------------- conditioning
 
+def select(flag, on: jax.Array, off) -> jax.Array:
+  """`on` where `flag`, else `off` (a scalar broadcast to on's shape and dtype).
+
+  A Python bool picks at trace time, so a single run's step has no select in
+  it; a traced flag (one per variant of `train/refiner_sweep.py`, vmapped)
+  picks at run time.
+  """
+  if isinstance(flag, (bool, np.bool_)):
+    return on if flag else jnp.full_like(on, off)
+  return jnp.where(flag, on, jnp.asarray(off, on.dtype))
+
+
+
 def latent_grid(x: jax.Array) -> jax.Array:
   """(B, H, W, C) -> (B, H/4, W/4, C) by 4x4 average pooling (maps onto the latent grid)."""
   return nn.avg_pool(x, (LATENT_DOWNSAMPLE, LATENT_DOWNSAMPLE), strides=(LATENT_DOWNSAMPLE, LATENT_DOWNSAMPLE))
@@ -164,9 +178,7 @@ def conditioning(models: dict, params: dict, ae_params: dict, latent_scale: floa
     denoiser takes pixel detail (`diffusion.pixel_detail`).
   """
   coarse_latent = encode_masks(models['autoencoder'], ae_params, image[..., refine_data.COARSE], latent_scale)
-  ra = latent_grid(image[..., refine_data.RA:refine_data.RA + 1])
-  if not use_ra:
-    ra = jnp.zeros_like(ra)
+  ra = select(use_ra, latent_grid(image[..., refine_data.RA:refine_data.RA + 1]), 0.0)
   if drop_coarse is not None:
     keep = jnp.where(drop_coarse, 0.0, 1.0).astype(image.dtype)[:, None, None]  # (B, 1, 1)
     coarse_latent = coarse_latent * keep[..., None]
@@ -290,8 +302,7 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
   keys = steps._per_example_keys(jax.random.fold_in(key, 1), state.step, b)  # pylint: disable=protected-access
   t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, schedule.num_steps))(keys)
   drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), cfg_drop_prob))(keys)
-  if not use_image:
-    drop = jnp.ones_like(drop)
+  drop = select(use_image, drop, True)  # without the image: always the learned null
   drop_coarse = None  # None (not all False): runs without it compute exactly what they did before it
   if coarse_drop_prob > 0:
     drop_coarse = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 3), coarse_drop_prob))(keys)

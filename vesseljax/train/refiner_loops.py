@@ -57,7 +57,7 @@ def _run(step_fn: Callable, state, sampler, ckpt: state_lib.Checkpoints, progres
   history = []
   t0 = time.time()
   try:
-    for step in range(int(state.step), num_steps):
+    for step in range(state_lib.step_of(state), num_steps):
       batch = pipeline.host_shard(sampler.batch(step))
       new_state, metrics = step_fn(state, batch, key, *extra)
       loops.check_step(metrics, step, progress.what, ckpt)
@@ -91,7 +91,7 @@ def _open_run(run_dir: pathlib.Path, spec: dict, state, keep: int):
   ckpt = state_lib.Checkpoints(run_dir, keep=keep)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(jax.tree.map(np.asarray, state))
-    log.info('%s: resumed at step %d', run_dir, int(state.step))
+    log.info('%s: resumed at step %d', run_dir, state_lib.step_of(state))
   return state, ckpt
 
 
@@ -286,16 +286,7 @@ def train_refiner(config, workdir: str | pathlib.Path,
   tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
                                 config.train.grad_clip)
   state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
-  # The autoencoder's file and latent scale and the coarse-map files, besides the
-  # architectures: resuming after any of them was retrained would go on training
-  # in another latent space, or on other pairs, without a word.
-  run_spec = {**refiner.refiner_spec(d), 'autoencoder_hash': ae_sidecar['model_hash'],
-              'autoencoder_sha256': file_hash(autoencoder_path(config, workdir)), 'latent_scale': scale,
-              **({'coarse_maps_sha256': [file_hash(x) for x in refine_data.coarse_map_paths(d)]}
-                 if d.coarse_source != 'degrade' else {}),
-              'coarse_source': d.coarse_source, 'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra),
-              **({'init_hash': init['init_hash']} if init else {}), **_loss_departures(d),
-              **({'init_new_autoencoder': True} if init.get('init_new_autoencoder') else {})}
+  run_spec = refiner_run_spec(config, workdir, ae_sidecar, scale, init)
   state, ckpt = _open_run(workdir / 'refiner_ckpt', run_spec, state, config.train.keep_checkpoints)
   log.info('refiner: image encoder %d + denoiser %d params; %d images (%s coarse maps), %dx%d tiles%s',
            sum(x.size for x in jax.tree.leaves(params['image_encoder'])),
@@ -307,19 +298,48 @@ def train_refiner(config, workdir: str | pathlib.Path,
   state = _run(step_fn, state, _sampler(config, data, d.batch_size), ckpt, progress, d.num_steps,
                d.log_every, d.checkpoint_every, jax.random.fold_in(jax.random.key(config.seed), 13), ae_params,
                max_seconds=d.max_train_seconds)
-  path = coarse.write_params(workdir / 'refiner.msgpack', {'params': state.ema_params}, refiner.refiner_spec(d), {
-      'autoencoder_hash': ae_sidecar['model_hash'], 'latent_scale': scale,
-      'coarse_hash': coarse.spec_hash(coarse.model_spec(config.model)), 'coarse_source': d.coarse_source,
-      'steps_trained': int(state.step), 'steps_planned': int(d.num_steps), 'dataset': config.data.name,
-      'ema_decay': d.ema_decay, **init,
-      'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra), **_loss_departures(d)})
+  path = coarse.write_params(workdir / 'refiner.msgpack', {'params': state.ema_params}, refiner.refiner_spec(d),
+                             refiner_sidecar(config, ae_sidecar, scale, int(state.step), init))
   log.info('exported %s (EMA params, step %d)', path, int(state.step))
   return path
 
 
-def _loss_departures(d) -> dict:
-  """The training departures that are on ({'coarse_drop_prob': p, 'disagreement_weight': w}).
+def refiner_run_spec(config, workdir: pathlib.Path, ae_sidecar: dict, scale: float, init: dict) -> dict:
+  """What a resumed refiner run must share with its first start.
 
-  Only those that are on, so the run specs (and checkpoints) of runs without them are unchanged.
+  The autoencoder's file and latent scale and the coarse-map files, besides the
+  architectures: resuming after any of them was retrained would go on training
+  in another latent space, or on other pairs, without a word.
   """
-  return {name: float(d[name]) for name in ('coarse_drop_prob', 'disagreement_weight') if d[name]}
+  d = config.diffusion
+  return {**refiner.refiner_spec(d), 'autoencoder_hash': ae_sidecar['model_hash'],
+          'autoencoder_sha256': file_hash(autoencoder_path(config, workdir)), 'latent_scale': scale,
+          **({'coarse_maps_sha256': [file_hash(x) for x in refine_data.coarse_map_paths(d)]}
+             if d.coarse_source != 'degrade' else {}),
+          'coarse_source': d.coarse_source, 'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra),
+          **({'init_hash': init['init_hash']} if init else {}), **_loss_departures(d),
+          **({'init_new_autoencoder': True} if init.get('init_new_autoencoder') else {})}
+
+
+def refiner_sidecar(config, ae_sidecar: dict, scale: float, steps_trained: int, init: dict) -> dict:
+  """The exported refiner's sidecar: the models it goes with, how it was trained, the parts it uses."""
+  d = config.diffusion
+  return {'autoencoder_hash': ae_sidecar['model_hash'], 'latent_scale': scale,
+          'coarse_hash': coarse.spec_hash(coarse.model_spec(config.model)), 'coarse_source': d.coarse_source,
+          'steps_trained': steps_trained, 'steps_planned': int(d.num_steps), 'dataset': config.data.name,
+          'ema_decay': d.ema_decay, **init,
+          'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra), **_loss_departures(d)}
+
+
+# The paper's weights of the x0 mask losses (L_DDPM + 0.5 Dice + 0.3 Edge).
+PAPER_LOSS_WEIGHTS = {'dice_weight': 0.5, 'edge_weight': 0.3}
+
+
+def _loss_departures(d) -> dict:
+  """The training departures that are on: coarse_drop_prob, disagreement_weight, mask-loss weights.
+
+  Only those that are on (and the mask-loss weights only where they differ from
+  the paper's), so the run specs (and checkpoints) of runs without them are unchanged.
+  """
+  on = {name: float(d[name]) for name in ('coarse_drop_prob', 'disagreement_weight') if d[name]}
+  return {**on, **{name: float(d[name]) for name, paper in PAPER_LOSS_WEIGHTS.items() if float(d[name]) != paper}}

@@ -46,6 +46,11 @@ def create_train_state(model: flax.linen.Module, key: jax.Array, input_shape: tu
                            batch_stats=variables.get('batch_stats', {}), tx=tx)
 
 
+def step_of(state) -> int:
+  """The state's step as an int; a stack of states trained in lockstep (train/refiner_sweep.py) has one step per member."""
+  return int(np.ravel(np.asarray(state.step))[0])
+
+
 class Checkpoints:
   """Orbax checkpoints of one run: `<workdir>/checkpoints` (latest K) and `<workdir>/best`."""
 
@@ -61,7 +66,7 @@ class Checkpoints:
     return self.latest.latest_step()
 
   def save(self, state: TrainState) -> None:
-    self.latest.save(int(state.step), args=ocp.args.StandardSave(state))
+    self.latest.save(step_of(state), args=ocp.args.StandardSave(state))
 
   def restore(self, abstract_state: TrainState, step: Optional[int] = None) -> TrainState:
     step = self.latest.latest_step() if step is None else step
