@@ -75,25 +75,19 @@ def main(argv):
     label, fov = refine_data.label_fov(s, size)
     coarse_prob, ra = p.coarse.maps(p.coarse.preprocess(s.image))
     h, w = size
-    ph, pw = max(h, tile), max(w, tile)
-    packed = np.zeros((ph, pw, refine_data.NUM_CHANNELS), np.float32)
-    packed[:h, :w, refine_data.RGB] = preprocess.preprocess_rgb(s.image, size)
-    packed[:h, :w, refine_data.COARSE] = coarse_prob
-    packed[:h, :w, refine_data.RA] = ra
-    label_packed = np.zeros((ph, pw), np.float32)
+    packed = refine.pack_work(preprocess.preprocess_rgb(s.image, size), coarse_prob, ra, tile)
+    label_packed = np.zeros(packed.shape[:2], np.float32)
     label_packed[:h, :w] = label
-    corners = [(y, x) for y in refine.tile_starts(ph, tile, p.overlap) for x in refine.tile_starts(pw, tile, p.overlap)]
+    corners = refine.tile_corners(packed.shape[:2], tile, p.overlap)
     tiles = jnp.asarray(np.stack([packed[y:y + tile, x:x + tile] for y, x in corners]))
     z = {'label': encode(jnp.asarray(np.stack([label_packed[y:y + tile, x:x + tile] for y, x in corners]))),
          'coarse': encode(tiles[..., refine_data.COARSE])}
-    window = refine.tile_window(tile, p.overlap)
 
     def blend(tile_probs):
-      acc, wsum = np.zeros((ph, pw), np.float32), np.zeros((ph, pw), np.float32)
-      for (y, x), prob in zip(corners, np.asarray(tile_probs)):
-        acc[y:y + tile, x:x + tile] += window * prob
-        wsum[y:y + tile, x:x + tile] += window
-      return (acc / wsum)[:h, :w]
+      out = refine.TileBlend(packed.shape[:2], tile, p.overlap)
+      for corner, prob in zip(corners, np.asarray(tile_probs)):
+        out.add(corner, prob)
+      return out.result(h, w)[0]
 
     maps = {'coarse': coarse_prob, 'label_roundtrip': blend(decode(z['label']))}
     image_key = jax.random.fold_in(jax.random.key(config.seed), i)

@@ -523,6 +523,29 @@ def test_tiles_cover_the_image_and_blend_to_the_value_of_equal_tiles():
   assert w.shape == (32, 32) and w.min() > 0 and w.max() == 1 and np.allclose(w, w.T)
 
 
+def test_packed_tiles_blend_back_to_the_image_they_were_cut_from():
+  rng = np.random.default_rng(0)
+  h, w, tile, overlap = 50, 70, 32, 8
+  rgb, coarse_prob, ra = rng.random((h, w, 3)), rng.random((h, w)), rng.random((h, w))
+  packed = refine.pack_work(rgb, coarse_prob, ra, tile)
+  assert packed.shape == (h, w, refine_data.NUM_CHANNELS) and packed.dtype == np.float32
+  np.testing.assert_array_equal(packed[..., refine_data.COARSE], coarse_prob.astype(np.float32))
+  small = refine.pack_work(None, coarse_prob[:20, :10], ra[:20, :10], tile)  # padded to one tile, no photo
+  assert small.shape == (tile, tile, refine_data.NUM_CHANNELS)
+  assert not small[..., refine_data.RGB].any() and not small[20:].any() and not small[:, 10:].any()
+  corners = refine.tile_corners(packed.shape[:2], tile, overlap)
+  assert corners == [(y, x) for y in refine.tile_starts(h, tile, overlap) for x in refine.tile_starts(w, tile, overlap)]
+  blend = refine.TileBlend(packed.shape[:2], tile, overlap, num_maps=2)
+  for y, x in corners:  # each tile is the image's crop: the windowed average is the image again
+    crop = packed[y:y + tile, x:x + tile]
+    blend.add((y, x), crop[..., refine_data.COARSE], crop[..., refine_data.RA])
+  out_coarse, out_ra = blend.result(h - 5, w - 5)
+  np.testing.assert_allclose(out_coarse, coarse_prob[:h - 5, :w - 5], rtol=1e-6)
+  np.testing.assert_allclose(out_ra, ra[:h - 5, :w - 5], rtol=1e-6)
+  with pytest.raises(ValueError):  # one map per sum, no more, no fewer
+    blend.add((0, 0), crop[..., 0])
+
+
 def test_tile_groups_are_balanced_and_cover_every_tile_once():
   assert refine.tile_groups(9, 4) == (3, [range(0, 3), range(3, 6), range(6, 9)])
   assert refine.tile_groups(8, 4) == (4, [range(0, 4), range(4, 8)])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,53 @@ def tile_window(tile: int, overlap: int) -> np.ndarray:
   return np.outer(ramp, ramp).astype(np.float32)
 
 
+def pack_work(rgb_work: Optional[np.ndarray], coarse_prob: np.ndarray, ra_map: np.ndarray,
+              tile: int) -> np.ndarray:
+  """The refiner's packed input (see data/refine_data.py) for a working-size image.
+
+  Args:
+    rgb_work: (H, W, 3) in [0, 1], or None for zeros (the photo left out).
+    coarse_prob, ra_map: (H, W) in [0, 1].
+  Returns:
+    (max(H, tile), max(W, tile), 5) float32, zero-padded up to one tile.
+  """
+  h, w = coarse_prob.shape
+  packed = np.zeros((max(h, tile), max(w, tile), refine_data.NUM_CHANNELS), np.float32)
+  if rgb_work is not None:
+    packed[:h, :w, refine_data.RGB] = rgb_work
+  packed[:h, :w, refine_data.COARSE] = coarse_prob
+  packed[:h, :w, refine_data.RA] = ra_map
+  return packed
+
+
+def tile_corners(shape: tuple[int, int], tile: int, overlap: int) -> list[tuple[int, int]]:
+  """(y, x) corners of the tiles covering a (padded) image of `shape`, row by row."""
+  return [(y, x) for y in tile_starts(shape[0], tile, overlap) for x in tile_starts(shape[1], tile, overlap)]
+
+
+class TileBlend:
+  """The windowed average of overlapping tile maps (`tile_window` weights).
+
+  `add(corner, *maps)` adds each (tile, tile) map at its corner; `result(h, w)`
+  returns the averages, cropped to (h, w).
+  """
+
+  def __init__(self, shape: tuple[int, int], tile: int, overlap: int, num_maps: int = 1):
+    self.tile, self.window = tile, tile_window(tile, overlap)
+    self.sums = [np.zeros(shape, np.float32) for _ in range(num_maps)]
+    self.weight = np.zeros(shape, np.float32)
+
+  def add(self, corner: tuple[int, int], *maps: np.ndarray) -> None:
+    y, x = corner
+    cells = np.s_[y:y + self.tile, x:x + self.tile]
+    for total, m in zip(self.sums, maps, strict=True):
+      total[cells] += self.window * m
+    self.weight[cells] += self.window
+
+  def result(self, h: int, w: int) -> list[np.ndarray]:
+    return [(total / self.weight)[:h, :w] for total in self.sums]
+
+
 class RefinedPredictor:
   """Coarse model + refiner: `predictor(rgb) -> dict` of native-size maps."""
 
@@ -238,18 +286,9 @@ class RefinedPredictor:
     """
     h, w = coarse_prob.shape
     t, o = self.tile, self.options
-    ph, pw = max(h, t), max(w, t)
-    packed = np.zeros((ph, pw, refine_data.NUM_CHANNELS), np.float32)
-    if not o.drop_image:
-      packed[:h, :w, refine_data.RGB] = rgb_work
-    packed[:h, :w, refine_data.COARSE] = coarse_prob
-    packed[:h, :w, refine_data.RA] = ra_map
-    overlap = self.overlap
-    corners = [(y, x) for y in tile_starts(ph, t, overlap) for x in tile_starts(pw, t, overlap)]
-    window = tile_window(t, overlap)
-    acc_mean = np.zeros((ph, pw), np.float32)
-    acc_var = np.zeros((ph, pw), np.float32)
-    acc_w = np.zeros((ph, pw), np.float32)
+    packed = pack_work(None if o.drop_image else rgb_work, coarse_prob, ra_map, t)
+    corners = tile_corners(packed.shape[:2], t, self.overlap)
+    blend = TileBlend(packed.shape[:2], t, self.overlap, num_maps=2)
     batch, groups = tile_groups(len(corners), o.tile_batch)
     # Keys of every tile, then of padding slots (indices no tile has), built once per image.
     keys = self.tile_keys(o.seed, o.ensemble, range(len(corners) + batch))
@@ -264,11 +303,10 @@ class RefinedPredictor:
       if not finite[:len(group)].all():
         raise SamplingError(f'{name}: non-finite values while sampling tiles at {group}')
       mean, var = probs.mean(axis=0), probs.var(axis=0)
-      for j, (y, x) in enumerate(group):
-        acc_mean[y:y + t, x:x + t] += window * mean[j]
-        acc_var[y:y + t, x:x + t] += window * var[j]
-        acc_w[y:y + t, x:x + t] += window
-    return (acc_mean / acc_w)[:h, :w], (acc_var / acc_w)[:h, :w]
+      for j, corner in enumerate(group):
+        blend.add(corner, mean[j], var[j])
+    mean, var = blend.result(h, w)
+    return mean, var
 
   def __call__(self, rgb: np.ndarray, name: str = 'image') -> dict[str, np.ndarray]:
     """Native-size maps for an RGB photo: 'prob' (refined mean), 'variance', 'coarse'."""
