@@ -154,7 +154,8 @@ def get_config() -> ml_collections.ConfigDict:
   # after this many seconds of training, e.g. inside a lent GPU's time.
   config.diffusion.max_train_seconds = 0.0
   # --mode=train_refiner_ablations: the refiners trained together from scratch, one
-  # vmapped step (names of train/refiner_sweep.ABLATIONS; 'control' is the full refiner).
+  # vmapped step (names of train/refiner_sweep.ABLATIONS; 'control' is the full refiner;
+  # also cdrop, disagree01, disagree1: coarse-condition dropout, the disagreement loss).
   config.diffusion.ablations = 'control,noimage,nora,noedge,nodice'
   # --mode=evaluate_autoencoder reconstructs 'label' (the test labels) or 'coarse'
   # (the coarse model's maps: the output of a refiner that learned the identity).

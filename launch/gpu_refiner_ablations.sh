@@ -17,6 +17,9 @@
 # compilation through the persistent cache. Whatever finishes is kept; the
 # others can be evaluated elsewhere from the exported weights.
 #
+# ABLATIONS may also name the departures of refiner_sweep.ABLATIONS (cdrop, disagree01,
+# disagree1), e.g. ABLATIONS=control,cdrop,disagree01,disagree1; EVAL_ORDER names which to evaluate.
+#
 # Outputs in OUT: refiner_<variant>.msgpack (params-only EMA weights, 13 MB each:
 # the device tool returns at most 64 MiB, i.e. five of them) and
 # refiner_ablations.tgz (sidecars, training curve, evaluation JSON/markdown, logs).

@@ -15,6 +15,8 @@ from vesseljax.data import pipeline, refine_data, sources
 from vesseljax.diffusion import schedule as schedule_lib
 from vesseljax.train import coarse, loops, refiner, refiner_loops, refiner_sweep
 
+pytestmark = pytest.mark.usefixtures('fast_compiles')  # conftest: XLA optimisations off
+
 NAMES = ['control', 'noimage', 'nora', 'noedge', 'nodice']
 
 
@@ -28,7 +30,8 @@ def _perturbed_state(models, config, tile):
                                       ema_params=params)
 
 
-def test_one_vmapped_step_equals_each_variant_s_own_step():
+@pytest.mark.parametrize('names', [NAMES, ['control', 'cdrop', 'disagree1']])
+def test_one_vmapped_step_equals_each_variant_s_own_step(names):
   config = tiny_refiner_config()
   d = config.diffusion
   d.tile_size = tile = 64  # see test_refiner.py: 32-px tiles make the deepest GroupNorm noisy
@@ -43,13 +46,13 @@ def test_one_vmapped_step_equals_each_variant_s_own_step():
   schedule = schedule_lib.cosine_schedule(1000)
   key = jax.random.key(5)
   augment_fn = loops.make_augment_fn(config)
-  configs = [refiner_sweep.variant_config(config, n) for n in NAMES]
-  sweep = refiner_sweep.make_sweep_step(config, models, schedule, 1.3, augment_fn, NAMES,
+  configs = [refiner_sweep.variant_config(config, n) for n in names]
+  sweep = refiner_sweep.make_sweep_step(config, models, schedule, 1.3, augment_fn, names,
                                         devices=jax.local_devices()[:1])
-  stacked, metrics = sweep(refiner_sweep.stack(state, len(NAMES)), batch, key, ae_params,
+  stacked, metrics = sweep(refiner_sweep.stack(state, len(names)), batch, key, ae_params,
                            refiner_sweep.variant_flags(configs))
   losses = []
-  for i, (name, cfg) in enumerate(zip(NAMES, configs)):
+  for i, (name, cfg) in enumerate(zip(names, configs)):
     alone = refiner.make_refiner_step(cfg, models, schedule, 1.3, augment_fn, devices=jax.local_devices()[:1])
     s, m = alone(state, batch, key, ae_params)
     for k in ('loss', 'ddpm', 'dice_x0', 'edge', 'grad_norm'):
@@ -60,7 +63,7 @@ def test_one_vmapped_step_equals_each_variant_s_own_step():
   np.testing.assert_allclose(float(metrics['loss']), sum(losses), rtol=1e-5)
   # The variants are not the same run: each ablation changes the loss or the gradient.
   base = jax.tree.leaves(refiner_sweep.member(stacked, 0).params)
-  for i, name in enumerate(NAMES[1:], 1):
+  for i, name in enumerate(names[1:], 1):
     other = jax.tree.leaves(refiner_sweep.member(stacked, i).params)
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(base, other)) > 1e-6, name
 
@@ -123,6 +126,7 @@ def test_an_exported_ablation_samples_without_its_part(autoencoder, tmp_path):
     (['control', 'control'], {}, 'distinct'),
     (['control'], {'init_checkpoint': 'x.msgpack'}, 'from scratch'),
     (['control'], {'use_ra': False}, 'full refiner'),
+    (['control'], {'disagreement_weight': 0.1}, 'full refiner'),
 ])
 def test_bad_sweeps_are_refused(names, change, match, tmp_path):
   config = tiny_refiner_config()

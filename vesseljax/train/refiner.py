@@ -291,6 +291,10 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
     batch: 'image' (b, T, T, 5) packed tiles, 'label', 'fov' (b, T, T) float32.
     key: the run's key, folded with step and global example index.
     ae_params: the frozen autoencoder's params.
+    use_image, use_ra, dice_weight, edge_weight, coarse_drop_prob,
+      disagreement_weight: Python values, or per-variant arrays under the
+      vmap of `train/refiner_sweep.py` (then computed for every variant;
+      a zero weight or probability gives exactly what the Python zero does).
     disagreement_weight: > 0 adds this times `losses.disagreement_bce` of the
       decoded x0 estimate (BCE on the pixels where the coarse map in the
       batch and the label disagree, weighted by |coarse - label|) to the
@@ -304,7 +308,7 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
   drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), cfg_drop_prob))(keys)
   drop = select(use_image, drop, True)  # without the image: always the learned null
   drop_coarse = None  # None (not all False): runs without it compute exactly what they did before it
-  if coarse_drop_prob > 0:
+  if _traced(coarse_drop_prob) or coarse_drop_prob > 0:  # traced: a sweep variant's (0 drops nothing)
     drop_coarse = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 3), coarse_drop_prob))(keys)
   z0 = jax.lax.stop_gradient(encode_masks(models['autoencoder'], ae_params, label, latent_scale))
   noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), z0.shape[1:]))(keys)
@@ -325,7 +329,7 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
     edge = losses.edge_loss(prob, label, fov)
     mask_loss = dice_weight * dice + edge_weight * edge
     parts = {'ddpm': ddpm, 'dice_x0': 1.0 - dice, 'edge': edge}
-    if disagreement_weight > 0:  # off: the same computation as before the option
+    if _traced(disagreement_weight) or disagreement_weight > 0:  # off: the same computation as before it
       parts['bce_disagree'] = losses.disagreement_bce(prob, label, image[..., refine_data.COARSE], fov)
       mask_loss = mask_loss + disagreement_weight * parts['bce_disagree']
     return jnp.mean(ddpm + abar * mask_loss), parts
@@ -338,6 +342,11 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
   metrics = {'loss': loss, **{k: jnp.mean(v) for k, v in parts.items()},
              'grad_norm': optax.tree.norm(grads)}
   return new_state.replace(ema_params=ema), jax.lax.pmean(metrics, AXIS)
+
+
+def _traced(value) -> bool:
+  """True for a per-variant array of a vmapped sweep (train/refiner_sweep.py), False for a Python number."""
+  return isinstance(value, jax.Array)
 
 
 def ema_decay_at(step, ema_decay: float):

@@ -3,12 +3,13 @@
 The issue's ablations (no image conditioning, no RA map, no edge loss, no Dice
 loss) differ from the full refiner only in values, not in shapes: whether the
 image condition is always the learned null, whether the RA input is zeros,
-and the two mask-loss weights. So the variants' train states are stacked on a
+and the two mask-loss weights. So do two of our departures (coarse-condition
+dropout, the disagreement loss; `ABLATIONS`). So the variants' train states are stacked on a
 leading axis and one step, `jax.vmap`-ped over that axis (inside the usual
 `jax.pmap` over devices), trains them all in lockstep on the same batches,
 timesteps and noise:
 
-  state (V, ...)  x  flags {'use_image', 'use_ra', 'dice_weight', 'edge_weight'} (V,)
+  state (V, ...)  x  flags {FLAGS} (V,)
     -> refiner.refiner_step per variant -> state (V, ...)
 
 Why: on a lent GPU, compilation is the cost (XLA's autotuning, BUILD_NOTES.md)
@@ -40,15 +41,21 @@ from vesseljax.train import coarse, loops, refiner, refiner_loops, state as stat
 
 log = logging.getLogger('vesseljax')
 
-# Each ablation's config.diffusion overrides (the issue's list; 'control' is the full refiner).
+# Each variant's config.diffusion overrides: 'control' is the full refiner, then the
+# issue's ablations, then our departures (coarse-condition dropout and the
+# disagreement loss, BUILD_NOTES.md), which change values only too.
 ABLATIONS = {
     'control': {},
     'noimage': {'use_image': False},
     'nora': {'use_ra': False},
     'noedge': {'edge_weight': 0.0},
     'nodice': {'dice_weight': 0.0},
+    'cdrop': {'coarse_drop_prob': 0.5},
+    'disagree01': {'disagreement_weight': 0.1},
+    'disagree1': {'disagreement_weight': 1.0},
 }
-FLAGS = ('use_image', 'use_ra', 'dice_weight', 'edge_weight')  # what may differ between variants
+# What may differ between variants (each a per-variant array in the vmapped step).
+FLAGS = ('use_image', 'use_ra', 'dice_weight', 'edge_weight', 'coarse_drop_prob', 'disagreement_weight')
 
 
 def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -62,10 +69,11 @@ def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collectio
 
 def variant_flags(configs: Sequence[ml_collections.ConfigDict]) -> dict:
   """{flag: (V,) array} of the variants' FLAGS, the vmapped step's per-variant inputs."""
-  return {'use_image': jnp.asarray([bool(c.diffusion.use_image) for c in configs]),
-          'use_ra': jnp.asarray([bool(c.diffusion.use_ra) for c in configs]),
-          'dice_weight': jnp.asarray([float(c.diffusion.dice_weight) for c in configs], jnp.float32),
-          'edge_weight': jnp.asarray([float(c.diffusion.edge_weight) for c in configs], jnp.float32)}
+  def values(name, dtype):
+    return jnp.asarray([c.diffusion[name] for c in configs], dtype)
+
+  return {**{name: values(name, bool) for name in ('use_image', 'use_ra')},
+          **{name: values(name, jnp.float32) for name in FLAGS[2:]}}
 
 
 def stack(tree, n: int):
@@ -82,10 +90,10 @@ def _check_sweepable(config) -> None:
   d = config.diffusion
   if d.init_checkpoint:
     raise ValueError('the ablation sweep trains from scratch: unset diffusion.init_checkpoint')
-  # The options outside FLAGS are the same for every variant, so they are checked once.
-  if d.use_image is not True or d.use_ra is not True:
-    raise ValueError('the ablation sweep takes the full refiner (diffusion.use_image and use_ra True); '
-                     'the variants switch them off')
+  # 'control' is the config itself: the paper's full refiner, which the variants change.
+  if d.use_image is not True or d.use_ra is not True or d.coarse_drop_prob or d.disagreement_weight:
+    raise ValueError('the ablation sweep takes the full refiner (diffusion.use_image and use_ra True, '
+                     'coarse_drop_prob and disagreement_weight 0); the variants change them')
 
 
 def make_sweep_step(config, models: dict, schedule: schedule_lib.Schedule, latent_scale: float,
@@ -99,8 +107,7 @@ def make_sweep_step(config, models: dict, schedule: schedule_lib.Schedule, laten
   d = config.diffusion
   one = functools.partial(
       refiner.refiner_step, models=models, schedule=schedule, latent_scale=float(latent_scale),
-      augment_fn=augment_fn, cfg_drop_prob=float(d.cfg_drop_prob), ema_decay=float(d.ema_decay),
-      coarse_drop_prob=float(d.coarse_drop_prob), disagreement_weight=float(d.disagreement_weight))
+      augment_fn=augment_fn, cfg_drop_prob=float(d.cfg_drop_prob), ema_decay=float(d.ema_decay))
 
   def step(state, batch, key, ae_params, flags):
     per_variant = lambda s, f: one(s, batch, key, ae_params, **f)  # noqa: E731
