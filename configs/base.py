@@ -145,6 +145,10 @@ def get_config() -> ml_collections.ConfigDict:
   # of the same autoencoder architecture, e.g. one re-trained from it with another
   # loss; the fine-tune adapts the refiner to the new latents (recorded in the export).
   config.diffusion.init_new_autoencoder = False
+  # True: init_checkpoint was trained with another latent C (another autoencoder architecture),
+  # e.g. the C = 4 refiner as the start of a C = 64 one: the denoiser's C-shaped latent
+  # input and output convs start fresh, everything else from it (recorded in the export).
+  config.diffusion.init_new_latent_channels = False
   config.diffusion.learning_rate = 2e-4
   config.diffusion.warmup_steps = 100
   config.diffusion.batch_size = 8

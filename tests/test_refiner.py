@@ -402,6 +402,39 @@ def test_pixel_detail_refiner_warm_starts_as_the_plain_one_then_learns(trained, 
     refiner_loops.warm_start_params(plain, tmp_path / 'refiner.msgpack', ae_sidecar, plain_models)
 
 
+def test_a_refiner_of_another_latent_c_starts_one_with_only_its_latent_convs_fresh(trained):
+  config, workdir = trained
+  path = workdir / 'refiner.msgpack'
+  wide = copy.deepcopy(config)
+  wide.diffusion.latent_channels = config.diffusion.latent_channels + 4
+  wide.diffusion.init_checkpoint = str(path)
+  spec = refiner.refiner_spec(wide.diffusion)
+  models = {'image_encoder': refiner.create_image_encoder(spec), 'denoiser': refiner.create_denoiser(spec)}
+  with pytest.raises(coarse.CheckpointError, match='does not match config.diffusion'):
+    refiner_loops.warm_start_params(wide, path, {}, models)  # another C needs the flag
+  wide.diffusion.init_new_latent_channels = True
+  params, sidecar = refiner_loops.warm_start_params(wide, path, {}, models)
+  assert sidecar['model']['latent_channels'] == config.diffusion.latent_channels
+  fresh = refiner_loops.initial_refiner_params(wide, models)
+  _, old = coarse.load_params(path)
+  flat = lambda tree: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  got, fresh, old = flat(params), flat(fresh), flat(old['params'])
+  assert got.keys() == fresh.keys() == old.keys()
+  renewed = {k for k in got if old[k].shape != got[k].shape}
+  assert renewed == {"['denoiser']['conv_in']['kernel']", "['denoiser']['conv_out']['kernel']",
+                     "['denoiser']['conv_out']['bias']"}
+  for k, x in got.items():
+    np.testing.assert_array_equal(x, fresh[k] if k in renewed else old[k])
+  # The same C, or another architecture besides C, is refused.
+  same = copy.deepcopy(config)
+  same.diffusion.init_new_latent_channels = True
+  with pytest.raises(coarse.CheckpointError, match='already C'):
+    refiner_loops.warm_start_params(same, path, {}, models)
+  wide.diffusion.widths = tuple(2 * w for w in config.diffusion.widths)
+  with pytest.raises(coarse.CheckpointError, match='in more than latent_channels'):
+    refiner_loops.warm_start_params(wide, path, {}, models)
+
+
 def test_resuming_after_the_autoencoder_was_retrained_is_refused(trained, tmp_path):
   """Same autoencoder architecture, other weights and latent scale: the run must not go on in another latent space."""
   config, workdir = trained

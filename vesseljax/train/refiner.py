@@ -36,7 +36,6 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from vesseljax.data import refine_data
@@ -124,6 +123,11 @@ def check_refiner_matches(refiner_sidecar: dict, ae_sidecar: dict, coarse_sideca
 
 # ---------------------------------------------------------------- conditioning
 
+def _traced(value) -> bool:
+  """True for a per-variant array of a vmapped sweep (train/refiner_sweep.py), False for a Python value."""
+  return isinstance(value, jax.Array)
+
+
 def select(flag, on: jax.Array, off) -> jax.Array:
   """`on` where `flag`, else `off` (a scalar broadcast to on's shape and dtype).
 
@@ -131,10 +135,9 @@ def select(flag, on: jax.Array, off) -> jax.Array:
   it; a traced flag (one per variant of `train/refiner_sweep.py`, vmapped)
   picks at run time.
   """
-  if isinstance(flag, (bool, np.bool_)):
+  if not _traced(flag):
     return on if flag else jnp.full_like(on, off)
   return jnp.where(flag, on, jnp.asarray(off, on.dtype))
-
 
 
 def latent_grid(x: jax.Array) -> jax.Array:
@@ -342,11 +345,6 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
   metrics = {'loss': loss, **{k: jnp.mean(v) for k, v in parts.items()},
              'grad_norm': optax.tree.norm(grads)}
   return new_state.replace(ema_params=ema), jax.lax.pmean(metrics, AXIS)
-
-
-def _traced(value) -> bool:
-  """True for a per-variant array of a vmapped sweep (train/refiner_sweep.py), False for a Python number."""
-  return isinstance(value, jax.Array)
 
 
 def ema_decay_at(step, ema_decay: float):

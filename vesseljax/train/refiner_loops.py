@@ -239,6 +239,11 @@ def checked_refiner_params(path: str | pathlib.Path, variables: dict, models: di
 def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models: dict) -> tuple[dict, dict]:
   """(params, sidecar) of an exported refiner to start training from (`diffusion.init_checkpoint`).
 
+  With diffusion.init_new_latent_channels the refiner may have been trained
+  with another latent C (so another autoencoder): the leaves whose shapes
+  depend on C (the denoiser's latent input and output convs) start fresh,
+  as in a run from scratch, and every other leaf from the file.
+
   Raises:
     CheckpointError (naming the file): another refiner architecture, another
       autoencoder (or latent scale; with diffusion.init_new_autoencoder, only
@@ -247,6 +252,8 @@ def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models
   d = config.diffusion
   sidecar, variables = refiner.load_checked(path, 'refiner')
   want = refiner.refiner_spec(d)
+  if d.init_new_latent_channels:
+    return _params_for_new_latent_channels(config, path, sidecar, variables, models), sidecar
   # A refiner without pixel detail may start one with it: 'detail_in' starts at zero.
   adds_detail = want.get('pixel_detail') and sidecar['model'] == {k: v for k, v in want.items()
                                                                    if k != 'pixel_detail'}
@@ -264,6 +271,41 @@ def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models
   return params, sidecar
 
 
+def _params_for_new_latent_channels(config, path, sidecar: dict, variables: dict, models: dict) -> dict:
+  """A refiner of another latent C as the start of this one: C-shaped leaves fresh, the rest its own."""
+  d = config.diffusion
+  want = refiner.refiner_spec(d)
+  other = {k: v for k, v in sidecar['model'].items() if k != 'latent_channels'}
+  if other != {k: v for k, v in want.items() if k != 'latent_channels'}:
+    raise coarse.CheckpointError(f'{path}: refiner {sidecar["model"]} differs from config.diffusion {want} '
+                                 'in more than latent_channels')
+  if sidecar['model']['latent_channels'] == d.latent_channels:
+    raise coarse.CheckpointError(f'{path}: already C = {d.latent_channels}; init_new_latent_channels is for '
+                                 'another C (for new weights of the same autoencoder: init_new_autoencoder)')
+  old_models = dict(models, denoiser=refiner.create_denoiser(sidecar['model']))
+  old = checked_refiner_params(path, variables, old_models, d.tile_size, sidecar['model']['latent_channels'])
+  return jax.tree.map(lambda o, f: o if o.shape == f.shape else f, old, initial_refiner_params(config, models))
+
+
+def initial_refiner_params(config, models: dict) -> dict:
+  """The fresh params of a refiner run (a function of config.seed)."""
+  d = config.diffusion
+  return init_refiner_params(models, jax.random.key(config.seed + 5), d.tile_size, d.latent_channels)
+
+
+def new_refiner_state(config, params: dict) -> refiner.EMATrainState:
+  """Step 0 of a refiner run from `params`: AdamW as config.diffusion says, the EMA at `params`."""
+  d = config.diffusion
+  tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
+                                config.train.grad_clip)
+  return refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
+
+
+def refiner_training_key(config) -> jax.Array:
+  """The key of a refiner run's steps (folded with step and example inside)."""
+  return jax.random.fold_in(jax.random.key(config.seed), 13)
+
+
 def train_refiner(config, workdir: str | pathlib.Path,
                   data: Optional[pipeline.ArrayDataset] = None) -> pathlib.Path:
   """Trains (or resumes) the image encoder + denoiser; exports the EMA params."""
@@ -273,7 +315,7 @@ def train_refiner(config, workdir: str | pathlib.Path,
   models, ae_params, ae_sidecar = load_models(config, workdir)
   scale = float(ae_sidecar['latent_scale'])
   data = training_tiles(config, workdir, data)
-  params = init_refiner_params(models, jax.random.key(config.seed + 5), d.tile_size, d.latent_channels)
+  params = initial_refiner_params(config, models)
   init = {}
   if d.init_checkpoint:  # fine-tuning: the EMA starts at these params too
     params, init_sidecar = warm_start_params(config, d.init_checkpoint, ae_sidecar, models)
@@ -283,9 +325,10 @@ def train_refiner(config, workdir: str | pathlib.Path,
             'init_coarse_source': init_sidecar.get('coarse_source')}
     if d.init_new_autoencoder:  # what it was trained with, beside the autoencoder it moves to
       init.update(init_latent_scale=init_sidecar.get('latent_scale'), init_new_autoencoder=True)
-  tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
-                                config.train.grad_clip)
-  state = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
+    if d.init_new_latent_channels:  # the C and autoencoder it was trained with
+      init.update(init_latent_channels=init_sidecar['model']['latent_channels'],
+                  init_autoencoder_hash=init_sidecar.get('autoencoder_hash'), init_new_latent_channels=True)
+  state = new_refiner_state(config, params)
   run_spec = refiner_run_spec(config, workdir, ae_sidecar, scale, init)
   state, ckpt = _open_run(workdir / 'refiner_ckpt', run_spec, state, config.train.keep_checkpoints)
   log.info('refiner: image encoder %d + denoiser %d params; %d images (%s coarse maps), %dx%d tiles%s',
@@ -296,7 +339,7 @@ def train_refiner(config, workdir: str | pathlib.Path,
   step_fn = refiner.make_refiner_step(config, models, schedule, scale, loops.make_augment_fn(config))
   progress = loops.Progress(workdir, d.num_steps, int(state.step), 'refiner')
   state = _run(step_fn, state, _sampler(config, data, d.batch_size), ckpt, progress, d.num_steps,
-               d.log_every, d.checkpoint_every, jax.random.fold_in(jax.random.key(config.seed), 13), ae_params,
+               d.log_every, d.checkpoint_every, refiner_training_key(config), ae_params,
                max_seconds=d.max_train_seconds)
   path = coarse.write_params(workdir / 'refiner.msgpack', {'params': state.ema_params}, refiner.refiner_spec(d),
                              refiner_sidecar(config, ae_sidecar, scale, int(state.step), init))
@@ -318,7 +361,8 @@ def refiner_run_spec(config, workdir: pathlib.Path, ae_sidecar: dict, scale: flo
              if d.coarse_source != 'degrade' else {}),
           'coarse_source': d.coarse_source, 'use_image': bool(d.use_image), 'use_ra': bool(d.use_ra),
           **({'init_hash': init['init_hash']} if init else {}), **_loss_departures(d),
-          **({'init_new_autoencoder': True} if init.get('init_new_autoencoder') else {})}
+          **({'init_new_autoencoder': True} if init.get('init_new_autoencoder') else {}),
+          **({'init_new_latent_channels': True} if init.get('init_new_latent_channels') else {})}
 
 
 def refiner_sidecar(config, ae_sidecar: dict, scale: float, steps_trained: int, init: dict) -> dict:

@@ -4,8 +4,8 @@ The issue's ablations (no image conditioning, no RA map, no edge loss, no Dice
 loss) differ from the full refiner only in values, not in shapes: whether the
 image condition is always the learned null, whether the RA input is zeros,
 and the two mask-loss weights. So do two of our departures (coarse-condition
-dropout, the disagreement loss; `ABLATIONS`). So the variants' train states are stacked on a
-leading axis and one step, `jax.vmap`-ped over that axis (inside the usual
+dropout, the disagreement loss; `ABLATIONS`). The variants' train states are
+therefore stacked on a leading axis and one step, `jax.vmap`-ped over that axis (inside the usual
 `jax.pmap` over devices), trains them all in lockstep on the same batches,
 timesteps and noise:
 
@@ -72,8 +72,7 @@ def variant_flags(configs: Sequence[ml_collections.ConfigDict]) -> dict:
   def values(name, dtype):
     return jnp.asarray([c.diffusion[name] for c in configs], dtype)
 
-  return {**{name: values(name, bool) for name in ('use_image', 'use_ra')},
-          **{name: values(name, jnp.float32) for name in FLAGS[2:]}}
+  return {name: values(name, bool if name in ('use_image', 'use_ra') else jnp.float32) for name in FLAGS}
 
 
 def stack(tree, n: int):
@@ -140,13 +139,9 @@ def train_refiner_sweep(config, workdir: str | pathlib.Path, names: Sequence[str
   models, ae_params, ae_sidecar = refiner_loops.load_models(config, workdir)
   scale = float(ae_sidecar['latent_scale'])
   data = refiner_loops.training_tiles(config, workdir, data)
-  # The same initial params as each variant's train_refiner run (the same seed).
-  params = refiner_loops.init_refiner_params(models, jax.random.key(config.seed + 5), d.tile_size,
-                                             d.latent_channels)
-  tx = state_lib.make_optimizer(d.learning_rate, d.num_steps, d.warmup_steps, config.train.weight_decay,
-                                config.train.grad_clip)
-  one = refiner.EMATrainState.create(apply_fn=None, params=params, batch_stats={}, tx=tx, ema_params=params)
-  state = stack(one, len(names))
+  # Each variant starts where its own train_refiner run would: the same params, optimizer and key.
+  params = refiner_loops.initial_refiner_params(config, models)
+  state = stack(refiner_loops.new_refiner_state(config, params), len(names))
   run_spec = {**refiner_loops.refiner_run_spec(config, workdir, ae_sidecar, scale, {}),
               'sweep_variants': {n: ABLATIONS[n] for n in names}}
   state, ckpt = refiner_loops._open_run(  # pylint: disable=protected-access
@@ -160,7 +155,7 @@ def train_refiner_sweep(config, workdir: str | pathlib.Path, names: Sequence[str
   state = refiner_loops._run(  # pylint: disable=protected-access
       step_fn, state, refiner_loops._sampler(config, data, d.batch_size), ckpt,  # pylint: disable=protected-access
       progress, d.num_steps, d.log_every, d.checkpoint_every,
-      jax.random.fold_in(jax.random.key(config.seed), 13), ae_params, variant_flags(configs),
+      refiner_loops.refiner_training_key(config), ae_params, variant_flags(configs),
       max_seconds=d.max_train_seconds)
   steps = state_lib.step_of(state)
   paths = {}
