@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from vesseljax.data import datasets
+from vesseljax.data import bundle, datasets
 from vesseljax.data.sample import DataError, Sample
 
 # ---------------------------------------------------------------------------
@@ -495,3 +495,41 @@ def test_all_black_chase_photo_names_file(tmp_path):
   _write_rgb(f.image, np.zeros((48, 52, 3), np.uint8))
   with pytest.raises(DataError, match=f.image.name):
     datasets.load_sample(f)
+
+
+# ---------------------------------------------------------------------------
+# bundle.copy_compact: a smaller copy that reads back pixel-identical.
+
+_PNG_MAGIC = b'\x89PNG'
+
+
+@pytest.mark.parametrize('name,splits', [('drive', ('train', 'test')), ('hrf', ('train',)),
+                                         ('chase_db1', ('test',))])
+def test_compact_copy_reads_back_the_same_samples(shared_datasets, tmp_path, name, splits):
+  report = bundle.copy_compact(name, shared_datasets, tmp_path, splits, max_images=1)
+  assert report.files == len(splits) * (2 if name == 'chase_db1' else 3)
+  for split in splits:
+    want = datasets.list_split(name, shared_datasets, split)[:1]
+    got = datasets.list_split(name, tmp_path, split)
+    assert [f.id for f in got] == [f.id for f in want]  # the copy holds just these, same names
+    a, b = datasets.load_sample(want[0]), datasets.load_sample(got[0])
+    for key in ('image', 'label', 'fov'):
+      np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
+    for path in (got[0].image, got[0].label, got[0].fov):
+      if path is not None:  # TIFFs re-encoded as PNG under their names; the rest byte for byte
+        head = path.read_bytes()[:4]
+        src = datasets.resolve_dataset_dir(name, shared_datasets) / path.relative_to(
+            datasets.resolve_dataset_dir(name, tmp_path))
+        assert head == _PNG_MAGIC if path.suffix.lower() == '.tif' else path.read_bytes() == src.read_bytes()
+  if name == 'hrf':  # its labels are uncompressed TIFF
+    assert report.copy_bytes < report.source_bytes
+  with pytest.raises(FileExistsError, match=datasets.DATASET_DIR_NAMES[name]):
+    bundle.copy_compact(name, shared_datasets, tmp_path, splits, max_images=1)
+
+
+def test_compact_copy_names_an_unreadable_tiff(tmp_path):
+  _make_hrf(tmp_path / 'src')
+  bad = tmp_path / 'src' / 'HRF' / 'manual1' / '01_dr.tif'
+  bad.write_bytes(b'II*\0 not a tiff')
+  with pytest.raises(DataError, match='01_dr.tif: unreadable'):
+    bundle.copy_compact('hrf', tmp_path / 'src', tmp_path / 'out', ('train',))
