@@ -328,6 +328,11 @@ def train_refiner(config, workdir: str | pathlib.Path,
     if d.init_new_latent_channels:  # the C and autoencoder it was trained with
       init.update(init_latent_channels=init_sidecar['model']['latent_channels'],
                   init_autoencoder_hash=init_sidecar.get('autoencoder_hash'), init_new_latent_channels=True)
+  if d.widths[0] < d.latent_channels:  # BUILD_NOTES.md, "A C = 64 refiner"
+    log.warning('denoiser widths[0] = %d < latent_channels = %d: eps_hat is a 3x3 conv of a %d-channel map, '
+                'a subspace of at most %d of every %d noise dimensions, so the DDPM loss (per element) '
+                'cannot fall below %.2f', d.widths[0], d.latent_channels, d.widths[0], d.widths[0],
+                d.latent_channels, 1 - d.widths[0] / d.latent_channels)
   state = new_refiner_state(config, params)
   run_spec = refiner_run_spec(config, workdir, ae_sidecar, scale, init)
   state, ckpt = _open_run(workdir / 'refiner_ckpt', run_spec, state, config.train.keep_checkpoints)
