@@ -247,7 +247,9 @@ def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models
   Raises:
     CheckpointError (naming the file): another refiner architecture, another
       autoencoder (or latent scale; with diffusion.init_new_autoencoder, only
-      another architecture), or parameters of other shapes.
+      another architecture), or parameters of other shapes; with
+      init_new_latent_channels, a refiner of the same C or one that differs
+      in more than C.
   """
   d = config.diffusion
   sidecar, variables = refiner.load_checked(path, 'refiner')
