@@ -17,6 +17,9 @@
 #   noimage, nora, noedge, nodice   oof without image conditioning / RA map /
 #               edge loss / Dice loss
 #   c64         oof with the C = 64 autoencoder
+#   c64w        the same with widths (64, 32, 48, 72) (4.0M denoiser params): at the
+#               default widths[0] = 16 a C = 64 denoiser cannot fit the noise (DDPM
+#               loss >= 1 - 16/64; BUILD_NOTES.md, "A C = 64 refiner")
 # Phase C (each refiner once trained; until END seconds): --mode=evaluate_refined
 #   on the test split with the committed coarse model (COARSE), every variant at
 #   DDIM 20 (k = 5); the main row then also start=coarse, 50 and the sweep
@@ -63,7 +66,7 @@ STEPS=${STEPS:-6000}
 FOLD_WAIT=${FOLD_WAIT:-200}
 TRAIN_END=${TRAIN_END:-380}
 END=${END:-545}
-VARIANTS=${VARIANTS:-"oof degrade"}           # + noimage nora noedge nodice c64 (the ablations), detail
+VARIANTS=${VARIANTS:-"oof degrade"}           # + noimage nora noedge nodice c64 c64w (the ablations), detail
 MAIN_EVALS=${MAIN_EVALS:-"50 10 30 100 coarse"}  # besides DDIM 20; "coarse" = start=coarse at DDIM 20
 ENSEMBLE=${ENSEMBLE:-5}
 EVAL_IMAGES=${EVAL_IMAGES:-0}                 # 0: the whole test split
@@ -118,7 +121,7 @@ else
   launch --mode=train_autoencoder $(ae_args 4 "$RUNS/ae4") > "$RUNS/ae4.log" &
   ae4_pid=$!
 fi
-if [[ " $VARIANTS " == *" c64 "* ]]; then
+if [[ " $VARIANTS " == *" c64 "* || " $VARIANTS " == *" c64w "* ]]; then
   # shellcheck disable=SC2046
   launch --mode=train_autoencoder $(ae_args 64 "$RUNS/ae64") > "$RUNS/ae64.log" &
   ae64_pid=$!
@@ -154,6 +157,7 @@ refiner_args() {  # <variant> -> the variant's config flags
     noedge) more=(--config.diffusion.edge_weight=0.0) ;;
     nodice) more=(--config.diffusion.dice_weight=0.0) ;;
     c64) ae="$RUNS/ae64/autoencoder.msgpack"; c=64 ;;
+    c64w) ae="$RUNS/ae64/autoencoder.msgpack"; c=64; more=(--config.diffusion.widths="(64,32,48,72)") ;;
     detail) more=(--config.diffusion.pixel_detail=True) ;;
   esac
   # shellcheck disable=SC2206
@@ -171,7 +175,7 @@ evaluate() {  # <variant> <steps> [more flags]: one evaluate_refined, bounded by
 }
 variant_chain() {
   local v=$1
-  if [ "$v" = c64 ]; then  # ae64 is a sibling, not a child: poll it
+  if [ "$v" = c64 ] || [ "$v" = c64w ]; then  # ae64 is a sibling, not a child: poll it
     while kill -0 "${ae64_pid:-0}" 2>/dev/null && [ "$(now)" -lt "$TRAIN_END" ]; do sleep 2; done
   fi
   # shellcheck disable=SC2046
