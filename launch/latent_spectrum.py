@@ -1,31 +1,31 @@
 """How many of an autoencoder's C latent channels the data uses.
 
-  python launch/latent_spectrum.py --autoencoders=weights/drive_autoencoder_c4.msgpack,OTHER.msgpack \
-      [--dataset=drive] [--root=../shared/datasets] [--split=train] [--size=576,560]
+  python launch/latent_spectrum.py --config=configs/drive.py \
+      --autoencoders=weights/drive_autoencoder_c4.msgpack,OTHER.msgpack [--split=train]
 
-Encodes the split's labels (resized to the working size --size, H,W, by area
-averaging, as the refiner's tiles are) with each autoencoder, and prints the
-eigenvalue spectrum of the covariance of the latent vectors (one per latent
-pixel): the number of directions holding 90, 99 and 99.9% of their variance,
-and the leading fractions. A denoiser whose last feature map has fewer
-channels than the data's directions cannot return them all (BUILD_NOTES.md,
-"A C = 64 refiner").
+Encodes the split's labels at the config's working size, binarised as in the
+refiner's training tiles (`refine_data.label_fov`), with each autoencoder, and
+prints the eigenvalue spectrum of the covariance of the latent vectors (one
+per latent pixel): the number of directions holding 90, 99 and 99.9% of their
+variance, and the leading fractions. A denoiser whose last feature map has
+fewer channels than the data's directions cannot return them all
+(BUILD_NOTES.md, "A C = 64 refiner").
 """
 
+import os
+
 from absl import app, flags
-import cv2
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 
-from vesseljax.data import datasets
+from vesseljax.data import refine_data, sources
 from vesseljax.train import coarse, refiner
 
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Dataset config file.', lock_config=False)
 AUTOENCODERS = flags.DEFINE_list('autoencoders', ['weights/drive_autoencoder_c4.msgpack'],
                                  'Exported autoencoders (.msgpack with their .json).')
-DATASET = flags.DEFINE_enum('dataset', 'drive', list(datasets.DATASETS), 'Dataset.')
-ROOT = flags.DEFINE_string('root', '../shared/datasets', 'Folder holding the datasets.')
 SPLIT = flags.DEFINE_enum('split', 'train', ['train', 'test'], 'Split whose labels are encoded.')
-SIZE = flags.DEFINE_list('size', ['576', '560'], 'Working size H,W (divisible by 4).')
 
 
 def spectrum(latents: np.ndarray) -> np.ndarray:
@@ -37,9 +37,11 @@ def spectrum(latents: np.ndarray) -> np.ndarray:
 
 def main(argv):
   del argv
-  h, w = (int(x) for x in SIZE.value)
-  labels = np.stack([cv2.resize(s.label.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
-                     for s in datasets.load_split(DATASET.value, ROOT.value, SPLIT.value)])
+  config = _CONFIG.value
+  sources.resolve_data_root(config, os.environ.get('VESSELJAX_DATA_DIR'))
+  size = sources.work_size(config.data)
+  labels = np.stack([refine_data.label_fov(s, size)[0]
+                     for s in sources.load_samples(config.data, SPLIT.value)]).astype(np.float32)
   for path in AUTOENCODERS.value:
     sidecar, variables = coarse.load_params(path)
     ae = refiner.create_autoencoder(sidecar['model'])
