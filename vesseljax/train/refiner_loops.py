@@ -265,12 +265,17 @@ def warm_start_params(config, path: str | pathlib.Path, ae_sidecar: dict, models
                                 new_autoencoder_weights=bool(d.init_new_autoencoder))
   if not adds_detail:
     return checked_refiner_params(path, variables, models, d.tile_size, d.latent_channels), sidecar
-  plain = dict(models, denoiser=refiner.create_denoiser(sidecar['model']))
-  params = checked_refiner_params(path, variables, plain, d.tile_size, d.latent_channels)
+  params = _params_as_trained(path, sidecar, variables, models, d.tile_size)
   shapes = jax.eval_shape(lambda: init_refiner_params(models, jax.random.key(0), d.tile_size, d.latent_channels))
   detail_in = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes['denoiser']['detail_in'])
   params['denoiser'] = {**params['denoiser'], 'detail_in': detail_in}  # its init: zero kernel, zero bias
   return params, sidecar
+
+
+def _params_as_trained(path, sidecar: dict, variables: dict, models: dict, tile: int) -> dict:
+  """The file's params, checked against its own denoiser architecture (sidecar['model']), not the config's."""
+  own = dict(models, denoiser=refiner.create_denoiser(sidecar['model']))
+  return checked_refiner_params(path, variables, own, tile, sidecar['model']['latent_channels'])
 
 
 def _params_for_new_latent_channels(config, path, sidecar: dict, variables: dict, models: dict) -> dict:
@@ -284,8 +289,7 @@ def _params_for_new_latent_channels(config, path, sidecar: dict, variables: dict
   if sidecar['model']['latent_channels'] == d.latent_channels:
     raise coarse.CheckpointError(f'{path}: already C = {d.latent_channels}; init_new_latent_channels is for '
                                  'another C (for new weights of the same autoencoder: init_new_autoencoder)')
-  old_models = dict(models, denoiser=refiner.create_denoiser(sidecar['model']))
-  old = checked_refiner_params(path, variables, old_models, d.tile_size, sidecar['model']['latent_channels'])
+  old = _params_as_trained(path, sidecar, variables, models, d.tile_size)
   return jax.tree.map(lambda o, f: o if o.shape == f.shape else f, old, initial_refiner_params(config, models))
 
 
@@ -317,9 +321,10 @@ def train_refiner(config, workdir: str | pathlib.Path,
   models, ae_params, ae_sidecar = load_models(config, workdir)
   scale = float(ae_sidecar['latent_scale'])
   data = training_tiles(config, workdir, data)
-  params = initial_refiner_params(config, models)
   init = {}
-  if d.init_checkpoint:  # fine-tuning: the EMA starts at these params too
+  if not d.init_checkpoint:
+    params = initial_refiner_params(config, models)
+  else:  # fine-tuning: the EMA starts at these params too
     params, init_sidecar = warm_start_params(config, d.init_checkpoint, ae_sidecar, models)
     init = {'init_checkpoint': str(d.init_checkpoint),
             'init_hash': file_hash(d.init_checkpoint),
