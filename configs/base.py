@@ -123,6 +123,14 @@ def get_config() -> ml_collections.ConfigDict:
   # |coarse - label|), so the coarse map's errors, a few % of a tile, get a loss of
   # their own instead of being averaged into Dice with the pixels it has right.
   config.diffusion.disagreement_weight = 0.0
+  # A departure: > 0 trains, with this probability per example, the step that sampling
+  # from start='coarse' begins with: z_t is the noised coarse latent (t drawn from
+  # coarse_start_timesteps, inclusive; strength 0.5 starts at t = 400 / 450 / 480 for
+  # N = 10 / 20 / 50) and the target is the noise whose x0 estimate is the label latent.
+  # The paper's pairs (0: off) only ever noise the label, so the denoiser learns to keep
+  # whatever z_t holds (BUILD_NOTES.md, "Training the coarse start").
+  config.diffusion.coarse_start_prob = 0.0
+  config.diffusion.coarse_start_timesteps = (400, 500)
   config.diffusion.ema_decay = 0.999
   # Autoencoder training.
   config.diffusion.ae_steps = 600

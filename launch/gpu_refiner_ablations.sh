@@ -18,7 +18,7 @@
 # others can be evaluated elsewhere from the exported weights.
 #
 # ABLATIONS may also name the departures of refiner_sweep.ABLATIONS (cdrop, disagree01,
-# disagree1), e.g. ABLATIONS=control,cdrop,disagree01,disagree1; EVAL_ORDER names which to evaluate.
+# disagree1, cstart), e.g. ABLATIONS=control,cdrop,disagree01,disagree1,cstart; EVAL_ORDER names which to evaluate.
 #
 # Outputs in OUT: refiner_<variant>.msgpack (params-only EMA weights, 13 MB each:
 # the device tool returns at most 64 MiB, i.e. five of them) and

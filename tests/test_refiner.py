@@ -222,6 +222,49 @@ def test_coarse_dropout_hides_the_coarse_map_and_ra_from_the_step(pixel_detail):
       'coarse_drop_prob': 0.5, 'disagreement_weight': 2.0}
 
 
+def test_coarse_start_pairs_noise_the_coarse_latent_and_aim_x0_at_the_label():
+  schedule = schedule_lib.cosine_schedule(1000)
+  rng = np.random.default_rng(0)
+  z_label, z_coarse, noise = (rng.normal(size=(3, 4, 4, 2)).astype(np.float32) for _ in range(3))
+  t = np.array([450, 50, 800], np.int32)
+  from_coarse = np.array([True, True, False])
+  z_t, target = (np.asarray(x) for x in refiner.coarse_start_pairs(
+      schedule, *(jnp.asarray(x) for x in (z_label, z_coarse, t, noise, from_coarse))))
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)[t][:, None, None, None]
+  source = np.where(from_coarse[:, None, None, None], z_coarse, z_label)
+  np.testing.assert_allclose(z_t, np.sqrt(abar) * source + np.sqrt(1 - abar) * noise, rtol=1e-5, atol=1e-6)
+  implied = noise + np.sqrt(abar / (1 - abar)) * (z_coarse - z_label)
+  np.testing.assert_allclose(target[:2], implied[:2], rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(target[2], noise[2])  # the paper's pair, untouched
+  # The x0 estimate from the target is the label latent, from either source.
+  x0 = schedule_lib.predict_x0(schedule, jnp.asarray(z_t), jnp.asarray(t), jnp.asarray(target))
+  np.testing.assert_allclose(np.asarray(x0), z_label, atol=2e-4)
+
+
+def test_coarse_start_training_reads_the_coarse_map_through_z_t():
+  """With the coarse condition dropped (coarse_drop_prob = 1), the step depends on the coarse
+  map only through z_t: not at coarse_start_prob = 0, and at 1."""
+  config = tiny_refiner_config()
+  d = config.diffusion
+  d.tile_size = tile = 32
+  d.coarse_drop_prob = 1.0
+  models, ae_params, state, batch = _step_setup(config, tile, 2, perturb_ae=True)
+  other = dict(batch, image=batch['image'].copy())
+  other['image'][..., refine_data.COARSE] = np.random.default_rng(0).random(other['image'].shape[:3])
+  schedule = schedule_lib.cosine_schedule(1000)
+  for prob in (0.0, 1.0):
+    d.coarse_start_prob = prob
+    step = refiner.make_refiner_step(config, models, schedule, 1.3, None, devices=jax.local_devices()[:1])
+    (_, m_a), (_, m_b) = (step(state, pipeline.shard(x, 1), jax.random.key(5), ae_params) for x in (batch, other))
+    assert (float(m_a['ddpm']) == float(m_b['ddpm'])) == (prob == 0.0), prob
+  assert refiner_loops._loss_departures(d) == {  # pylint: disable=protected-access
+      'coarse_drop_prob': 1.0, 'coarse_start_prob': 1.0, 'coarse_start_timesteps': [400, 500]}
+  for bad in ((500, 400), (-1, 10), (900, 1000)):
+    d.coarse_start_timesteps = bad
+    with pytest.raises(ValueError, match='coarse_start_timesteps'):
+      refiner.make_refiner_step(config, models, schedule, 1.3, None, devices=jax.local_devices()[:1])
+
+
 def test_disagreement_bce_matches_numpy_and_counts_only_the_coarse_maps_errors():
   rng = np.random.default_rng(0)
   prob, coarse = (rng.uniform(0.01, 0.99, (2, 16, 16)) for _ in range(2))

@@ -30,7 +30,7 @@ def _perturbed_state(models, config, tile):
                                       ema_params=params)
 
 
-@pytest.mark.parametrize('names', [NAMES, ['control', 'cdrop', 'disagree1']])
+@pytest.mark.parametrize('names', [NAMES, ['control', 'cdrop', 'disagree1', 'cstart']])
 def test_one_vmapped_step_equals_each_variant_s_own_step(names):
   config = tiny_refiner_config()
   d = config.diffusion

@@ -18,7 +18,9 @@ the two pure train steps, pmapped over `steps.AXIS` like the coarse model's:
                     image condition dropped to the learned null with
                     probability cfg_drop_prob, the coarse condition (coarse
                     latent, RA map, coarse pixels of the detail input) set
-                    to zeros with probability coarse_drop_prob, and an EMA
+                    to zeros with probability coarse_drop_prob, z_t taken
+                    from the noised coarse latent with probability
+                    coarse_start_prob (`coarse_start_pairs`), and an EMA
                     of the params.
 
 Checkpoint compatibility: the autoencoder's sidecar holds its spec hash and the
@@ -281,12 +283,38 @@ def decoder_only(tx: optax.GradientTransformation, params: dict) -> optax.Gradie
   return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
+def coarse_start_pairs(schedule: schedule_lib.Schedule, z_label: jax.Array, z_coarse: jax.Array, t: jax.Array,
+                       noise: jax.Array, from_coarse: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(z_t, eps target) of training examples, from the label's or the coarse map's latent.
+
+  Where `from_coarse` is False: z_t = q_sample(z_label, t, noise) and the
+  target is `noise` (the paper). Where True: z_t = q_sample(z_coarse, t, noise),
+  what sampling from the coarse start sees, and the target is the eps that
+  the label latent implies, (z_t - sqrt(abar_t) z_label) / sqrt(1 - abar_t)
+  = noise + sqrt(abar_t / (1 - abar_t)) (z_coarse - z_label), so that
+  `predict_x0(z_t, t, target)` is z_label. A denoiser trained on the paper's
+  pairs alone only ever saw a z_t that holds the label, and learned to keep
+  it (BUILD_NOTES.md, "What the denoiser knows"); from the coarse start it
+  keeps the coarse map instead.
+
+  Args:
+    z_label, z_coarse, noise: (B, h, w, C) float32 scaled latents and noise.
+    t: (B,) int32 timesteps; from_coarse: (B,) bool.
+  """
+  where = from_coarse[:, None, None, None]
+  z_t = schedule_lib.q_sample(schedule, jnp.where(where, z_coarse, z_label), t, noise)
+  implied = schedule_lib.predict_eps(schedule, z_t, t, z_label)
+  return z_t, jnp.where(where, implied, noise)
+
+
 def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: dict, *,
                  models: dict, schedule: schedule_lib.Schedule, latent_scale: float,
                  augment_fn: Optional[Callable], use_image: bool, use_ra: bool, cfg_drop_prob: float,
                  dice_weight: float, edge_weight: float, ema_decay: float,
                  coarse_drop_prob: float = 0.0,
-                 disagreement_weight: float = 0.0) -> tuple[EMATrainState, dict]:
+                 disagreement_weight: float = 0.0,
+                 coarse_start_prob: float = 0.0,
+                 coarse_start_timesteps: tuple[int, int] = (400, 500)) -> tuple[EMATrainState, dict]:
   """One denoiser + image-encoder step (call under pmap over AXIS); see the module docstring.
 
   Args:
@@ -303,6 +331,11 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
       batch and the label disagree, weighted by |coarse - label|) to the
       abar-weighted mask losses: the errors of the coarse map, a small part
       of each tile, get a loss of their own (0: off, the paper).
+    coarse_start_prob: > 0 trains, with this probability per example, the
+      step sampling with start='coarse' begins with: z_t is the noised
+      *coarse* latent at a t drawn from `coarse_start_timesteps` (inclusive),
+      and the target is the noise that makes the x0 estimate the *label*
+      latent (`coarse_start_pairs`); 0: off, the paper (z_t from the label).
   """
   image, label, fov = _augment(batch, key, state.step, augment_fn)
   b = image.shape[0]
@@ -315,12 +348,21 @@ def refiner_step(state: EMATrainState, batch: dict, key: jax.Array, ae_params: d
     drop_coarse = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 3), coarse_drop_prob))(keys)
   z0 = jax.lax.stop_gradient(encode_masks(models['autoencoder'], ae_params, label, latent_scale))
   noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), z0.shape[1:]))(keys)
-  z_t = schedule_lib.q_sample(schedule, z0, t, noise)
+  if _traced(coarse_start_prob) or coarse_start_prob > 0:  # off: the same computation as before it
+    from_coarse = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 4), coarse_start_prob))(keys)
+    lo, hi = coarse_start_timesteps
+    t = jnp.where(from_coarse, jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 5), (), lo, hi + 1))(keys),
+                  t)
+    z_coarse = jax.lax.stop_gradient(
+        encode_masks(models['autoencoder'], ae_params, image[..., refine_data.COARSE], latent_scale))
+    z_t, target = coarse_start_pairs(schedule, z0, z_coarse, t, noise, from_coarse)
+  else:
+    z_t, target = schedule_lib.q_sample(schedule, z0, t, noise), noise
 
   def loss_fn(params):
     cond = conditioning(models, params, ae_params, latent_scale, image, use_ra=use_ra, drop_coarse=drop_coarse)
     eps = denoise(models, params, z_t, t, cond, drop)
-    ddpm = jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
+    ddpm = jnp.mean((eps - target) ** 2, axis=(1, 2, 3))
     # x0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies eps errors by up to
     # 1 / sqrt(abar_999) ~ 2e4: clip it to the latents' range and weight the
     # mask losses on it by abar_t (its signal fraction), so the noisiest steps
@@ -371,8 +413,19 @@ def make_refiner_step(config, models: dict, schedule: schedule_lib.Schedule, lat
       augment_fn=augment_fn, use_image=bool(d.use_image), use_ra=bool(d.use_ra),
       cfg_drop_prob=float(d.cfg_drop_prob), dice_weight=float(d.dice_weight),
       edge_weight=float(d.edge_weight), ema_decay=float(d.ema_decay),
-      coarse_drop_prob=float(d.coarse_drop_prob), disagreement_weight=float(d.disagreement_weight))
+      coarse_drop_prob=float(d.coarse_drop_prob), disagreement_weight=float(d.disagreement_weight),
+      coarse_start_prob=float(d.coarse_start_prob), coarse_start_timesteps=coarse_start_timesteps(config))
   return pmap_step(fn, devices, num_unmapped_extra=1)
+
+
+def coarse_start_timesteps(config) -> tuple[int, int]:
+  """diffusion.coarse_start_timesteps as (lo, hi), checked: 0 <= lo <= hi < T."""
+  d = config.diffusion
+  lo, hi = (int(x) for x in d.coarse_start_timesteps)
+  if not 0 <= lo <= hi < int(d.timesteps):
+    raise ValueError(f'diffusion.coarse_start_timesteps must be (lo, hi) with 0 <= lo <= hi < '
+                     f'{int(d.timesteps)}, got {tuple(d.coarse_start_timesteps)}')
+  return lo, hi
 
 
 def make_autoencoder_step(ae: nn.Module, augment_fn: Optional[Callable], devices=None,

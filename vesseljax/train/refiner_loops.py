@@ -392,10 +392,14 @@ PAPER_LOSS_WEIGHTS = {'dice_weight': 0.5, 'edge_weight': 0.3}
 
 
 def _loss_departures(d) -> dict:
-  """The training departures that are on: coarse_drop_prob, disagreement_weight, mask-loss weights.
+  """The training departures that are on: coarse_drop_prob, disagreement_weight, coarse_start_prob
+  (with its timesteps), mask-loss weights.
 
   Only those that are on (and the mask-loss weights only where they differ from
   the paper's), so the run specs (and checkpoints) of runs without them are unchanged.
   """
-  on = {name: float(d[name]) for name in ('coarse_drop_prob', 'disagreement_weight') if d[name]}
+  on = {name: float(d[name]) for name in ('coarse_drop_prob', 'disagreement_weight', 'coarse_start_prob')
+        if d[name]}
+  if d.coarse_start_prob:
+    on['coarse_start_timesteps'] = [int(x) for x in d.coarse_start_timesteps]
   return {**on, **{name: float(d[name]) for name, paper in PAPER_LOSS_WEIGHTS.items() if float(d[name]) != paper}}

@@ -53,9 +53,11 @@ ABLATIONS = {
     'cdrop': {'coarse_drop_prob': 0.5},
     'disagree01': {'disagreement_weight': 0.1},
     'disagree1': {'disagreement_weight': 1.0},
+    'cstart': {'coarse_start_prob': 0.5},
 }
 # What may differ between variants (each a per-variant array in the vmapped step).
-FLAGS = ('use_image', 'use_ra', 'dice_weight', 'edge_weight', 'coarse_drop_prob', 'disagreement_weight')
+FLAGS = ('use_image', 'use_ra', 'dice_weight', 'edge_weight', 'coarse_drop_prob', 'disagreement_weight',
+         'coarse_start_prob')
 
 
 def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -90,9 +92,10 @@ def _check_sweepable(config) -> None:
   if d.init_checkpoint:
     raise ValueError('the ablation sweep trains from scratch: unset diffusion.init_checkpoint')
   # 'control' is the config itself: the paper's full refiner, which the variants change.
-  if d.use_image is not True or d.use_ra is not True or d.coarse_drop_prob or d.disagreement_weight:
+  if (d.use_image is not True or d.use_ra is not True or d.coarse_drop_prob or d.disagreement_weight
+      or d.coarse_start_prob):
     raise ValueError('the ablation sweep takes the full refiner (diffusion.use_image and use_ra True, '
-                     'coarse_drop_prob and disagreement_weight 0); the variants change them')
+                     'coarse_drop_prob, disagreement_weight and coarse_start_prob 0); the variants change them')
 
 
 def make_sweep_step(config, models: dict, schedule: schedule_lib.Schedule, latent_scale: float,
@@ -106,7 +109,8 @@ def make_sweep_step(config, models: dict, schedule: schedule_lib.Schedule, laten
   d = config.diffusion
   one = functools.partial(
       refiner.refiner_step, models=models, schedule=schedule, latent_scale=float(latent_scale),
-      augment_fn=augment_fn, cfg_drop_prob=float(d.cfg_drop_prob), ema_decay=float(d.ema_decay))
+      augment_fn=augment_fn, cfg_drop_prob=float(d.cfg_drop_prob), ema_decay=float(d.ema_decay),
+      coarse_start_timesteps=refiner.coarse_start_timesteps(config))
 
   def step(state, batch, key, ae_params, flags):
     per_variant = lambda s, f: one(s, batch, key, ae_params, **f)  # noqa: E731
