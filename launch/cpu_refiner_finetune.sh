@@ -14,6 +14,8 @@
 # 3. evaluates it on the test split, Diff(20) from the coarse latent
 #    noised halfway, k = 5, with 'direct' and 'residual' decoding (DECODES).
 #
+# MAPS (comma-separated holdout_maps.npz files) replaces step 1, e.g. the in-fold maps of
+# launch/infold_maps.py with SOURCE=oof.
 # Variants: NAME names the workdir ($RUNS/$NAME) and EXTRA adds config flags, e.g.
 #   NAME=drive_refiner_detail EXTRA=--config.diffusion.pixel_detail=True DECODES=direct \
 #     bash launch/cpu_refiner_finetune.sh
@@ -35,9 +37,11 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 W=$RUNS/$NAME
 PAIRS=(--config.diffusion.coarse_source="$SOURCE")
 if [[ $SOURCE == *oof* ]]; then
-  PYTHON=$PYTHON bash "$HERE/cpu_oof_folds.sh" "$CONFIG" "$RUNS/${DATASET}_oof"
-  PAIRS+=(--config.diffusion.coarse_maps="$(ls "$RUNS/${DATASET}"_oof/fold*/holdout_maps.npz | paste -sd, -)"
-          --config.diffusion.degrade_variants="${DEGRADE_VARIANTS:-1}")
+  if [ -z "${MAPS:-}" ]; then
+    PYTHON=$PYTHON bash "$HERE/cpu_oof_folds.sh" "$CONFIG" "$RUNS/${DATASET}_oof"
+    MAPS=$(ls "$RUNS/${DATASET}"_oof/fold*/holdout_maps.npz | paste -sd, -)
+  fi
+  PAIRS+=(--config.diffusion.coarse_maps="$MAPS" --config.diffusion.degrade_variants="${DEGRADE_VARIANTS:-1}")
 else
   PAIRS+=(--config.diffusion.degrade_variants="${DEGRADE_VARIANTS:-4}")
 fi
