@@ -38,13 +38,8 @@ def main(argv):
     raise FileExistsError(f'{out} exists; remove it first')
   predictor = predict.CoarsePredictor(_CHECKPOINT.value, config.data, config.model.impl)
   data = sources.to_arrays(sources.load_samples(config.data, 'train', None), config.data)
-  probs, ras = zip(*(predictor.maps(image) for image in data.images))
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix('.tmp.npz')
-  np.savez_compressed(tmp, ids=np.array(data.ids), prob=stages.to_u8(np.stack(probs)),
-                      ra_map=stages.to_u8(np.stack(ras)), fov=data.fovs,
-                      source=np.array(f'in-fold: {_CHECKPOINT.value}'))
-  tmp.replace(out)
+  stages.write_coarse_maps(out, predictor, data, source=np.array(f'in-fold: {_CHECKPOINT.value}'))
   print(f'wrote in-fold maps of {len(data.ids)} training images to {out}')
 
 

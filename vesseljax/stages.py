@@ -157,6 +157,18 @@ def to_u8(prob: np.ndarray) -> np.ndarray:
   return np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
 
 
+def write_coarse_maps(out: pathlib.Path, predictor, data, **extra) -> None:
+  """The coarse maps of `data`'s images (an ArrayDataset) as a holdout_maps.npz file (format: `holdout`).
+
+  Written to a temporary file first, then moved onto `out`; `extra` arrays are stored beside them.
+  """
+  probs, ras = zip(*(predictor.maps(image) for image in data.images))
+  tmp = out.with_suffix('.tmp.npz')
+  np.savez_compressed(tmp, ids=np.array(data.ids), prob=to_u8(np.stack(probs)), ra_map=to_u8(np.stack(ras)),
+                      fov=data.fovs, **extra)
+  tmp.replace(out)
+
+
 def holdout(config, workdir: pathlib.Path, overwrite: bool = False) -> pathlib.Path:
   """Out-of-fold coarse maps: the run's model on the training images it never saw.
 
@@ -187,11 +199,7 @@ def holdout(config, workdir: pathlib.Path, overwrite: bool = False) -> pathlib.P
         f'{d.fold} of {d.num_folds}; its maps would not be out-of-fold')
   data = sources.to_arrays(sources.load_samples(d, 'train', sources.tfds_dir(config.data, workdir)), d)
   _, held = sources.fold_split(data, d.num_folds, d.fold)
-  probs, ras = zip(*(predictor.maps(image) for image in held.images))
-  tmp = out.with_suffix('.tmp.npz')
-  np.savez_compressed(tmp, ids=np.array(held.ids), prob=to_u8(np.stack(probs)), ra_map=to_u8(np.stack(ras)),
-                      fov=held.fovs)
-  tmp.replace(out)
+  write_coarse_maps(out, predictor, held)
   log.info('wrote out-of-fold maps of %d images (%s) to %s', len(held), ', '.join(held.ids), out)
   return out
 
